@@ -1,0 +1,503 @@
+"""Model families: the ONLY place in squeeze that knows Hugging Face module names.
+
+A :class:`Family` says, per ``model_type``, where each *role* lives relative to the base model
+(``model.base_model``) or to one transformer layer, and owns the operations that differ between
+families: skipping a sublayer, splitting and packing a fused qkv, reading a linear's weight in
+``(out, in)`` layout whatever the module type (GPT-2's ``Conv1D`` stores it transposed).
+
+Passes ask for roles (``family.layers(model)``, ``family.role(layer, "attn_out")``), never for
+names; ``tests/test_layout.py`` greps ``compress/passes/`` for Hugging Face attribute names.
+
+Roles, per layer:
+    attn, mlp             the two sublayers (the residual branches)
+    attn_norm, mlp_norm   their norms (pre-norm: applied to the branch input;
+                          post-norm: applied after the residual add)
+    q, k, v, qkv          attention input projections (``qkv`` only where fused)
+    attn_out              attention output projection
+    mlp_in, mlp_out       MLP projections (``mlp_in`` is a tuple: gate and up for llama)
+Roles, per model (relative to the base model): layers, embeddings, final_norm; ``head`` is
+relative to the top-level model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from squeeze.compress.errors import SqueezeError
+
+log = logging.getLogger(__name__)
+
+Sublayer = Literal["attn", "mlp"]
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-ins for a dropped sublayer. Each makes the residual branch contribute exactly nothing,
+# so h_out == h_in bit for bit (x + 0.0 == x in IEEE arithmetic).
+# --------------------------------------------------------------------------------------------
+
+
+class ZeroBranch(nn.Module):
+    """A dropped pre-norm sublayer: returns zeros shaped like its input.
+
+    Args:
+        returns_tuple: attention modules return ``(output, weights)``; MLPs return a tensor.
+    """
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.returns_tuple else zeros
+
+
+class PassThroughAttention(nn.Module):
+    """A dropped post-LN attention block (BERT): the block's output is its input.
+
+    With ``norm`` set, the block keeps its LayerNorm: output = LN(input).
+    """
+
+    def __init__(self, norm: nn.Module | None = None):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = hidden_states if self.norm is None else self.norm(hidden_states)
+        return out, None
+
+
+class PassThroughOutput(nn.Module):
+    """A dropped post-LN MLP (BERT ``output`` module): returns the residual input."""
+
+    def __init__(self, norm: nn.Module | None = None):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return input_tensor if self.norm is None else self.norm(input_tensor)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent), name, module)
+
+
+# --------------------------------------------------------------------------------------------
+# The family table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where things live in one model family, and the operations that differ by family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    modality: Literal["text", "vision"]
+    causal: bool
+    default_class: str  # transformers class used when config.architectures names none we know
+    classes: tuple[str, ...]  # architectures we accept
+    layers_path: str
+    roles: dict[str, str | tuple[str, ...] | None]
+    norm_kind: Literal["layernorm", "rmsnorm"]
+    norm_placement: Literal["pre", "post"]
+    embeddings: tuple[str, ...]
+    final_norm: str | None
+    head: str | None  # relative to the top-level model, when it has one
+    conv1d: bool = False  # GPT-2 linears are Conv1D: weight stored (in, out)
+    attn_returns_tuple: bool = True
+    model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    skip: Callable[["Family", nn.Module, Sublayer, bool], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    # ---------------- structure ----------------
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.causal
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The base transformer (no head); for squeeze wrappers, the wrapped model's base."""
+        return model.base_model
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return _get(self.base(model), self.layers_path)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.layers(model))
+
+    def role_path(self, role: str) -> str | tuple[str, ...] | None:
+        if role not in self.roles:
+            raise KeyError(f"unknown role {role!r}; roles: {sorted(self.roles)}")
+        return self.roles[role]
+
+    def role(self, layer: nn.Module, role: str) -> nn.Module | tuple[nn.Module, ...] | None:
+        """The module(s) playing ``role`` inside one transformer layer."""
+        path = self.role_path(role)
+        if path is None:
+            return None
+        if isinstance(path, tuple):
+            return tuple(_get(layer, p) for p in path)
+        return _get(layer, path)
+
+    def set_role(self, layer: nn.Module, role: str, module: nn.Module) -> None:
+        path = self.role_path(role)
+        if not isinstance(path, str):
+            raise KeyError(f"role {role!r} of {self.name} is not a single module")
+        _set(layer, path, module)
+
+    def embedding_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [_get(self.base(model), p) for p in self.embeddings]
+
+    def final_norm_module(self, model: nn.Module) -> nn.Module | None:
+        return None if self.final_norm is None else _get(self.base(model), self.final_norm)
+
+    def head_module(self, model: nn.Module) -> nn.Module | None:
+        if self.head is None or not hasattr(model, self.head.split(".")[0]):
+            return None
+        return _get(model, self.head)
+
+    def linears(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """Every linear of one layer by role name (``mlp_in`` expands to ``mlp_in.0`` ...)."""
+        out: dict[str, nn.Module] = {}
+        for role in ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out"):
+            mod = self.role(layer, role)
+            if mod is None:
+                continue
+            if isinstance(mod, tuple):
+                out.update({f"{role}.{i}": m for i, m in enumerate(mod)})
+            else:
+                out[role] = mod
+        return out
+
+    # ---------------- weights in (out, in) layout ----------------
+
+    @staticmethod
+    def is_linear(module: nn.Module) -> bool:
+        return isinstance(module, (nn.Linear, Conv1D))
+
+    @staticmethod
+    def linear_weight(module: nn.Module) -> torch.Tensor:
+        """The weight of a Linear or Conv1D as an ``(out, in)`` tensor (a view, not a copy)."""
+        if isinstance(module, Conv1D):
+            return module.weight.t()
+        if isinstance(module, nn.Linear):
+            return module.weight
+        raise TypeError(f"not a linear module: {type(module).__name__}")
+
+    @staticmethod
+    def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+        """Write an ``(out, in)`` weight into a Linear or Conv1D in place."""
+        with torch.no_grad():
+            if isinstance(module, Conv1D):
+                module.weight.copy_(weight.t())
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(weight)
+            else:
+                raise TypeError(f"not a linear module: {type(module).__name__}")
+
+    @staticmethod
+    def as_linear(module: nn.Module) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function as a Linear or Conv1D."""
+        if isinstance(module, nn.Linear):
+            return module
+        w = Family.linear_weight(module)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if module.bias is not None:
+                lin.bias.copy_(module.bias)
+        return lin
+
+    # ---------------- fused qkv ----------------
+
+    def split_qkv(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """q, k and v of one layer as three ``nn.Linear`` (copies for a fused qkv)."""
+        if self.roles.get("qkv") is None:
+            return tuple(self.as_linear(self.role(layer, r)) for r in ("q", "k", "v"))  # type: ignore[return-value]
+        fused = self.role(layer, "qkv")
+        w = self.linear_weight(fused)  # (3 * d, d_in)
+        b = fused.bias
+        parts = []
+        for wi, bi in zip(w.chunk(3, dim=0), b.chunk(3) if b is not None else (None,) * 3):
+            lin = nn.Linear(wi.shape[1], wi.shape[0], bias=bi is not None, dtype=wi.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(wi)
+                if bi is not None:
+                    lin.bias.copy_(bi)
+            parts.append(lin)
+        return tuple(parts)  # type: ignore[return-value]
+
+    def pack_qkv(self, layer: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
+        """Write three (out, in) projections back into the layer (fused or not)."""
+        if self.roles.get("qkv") is None:
+            for role, lin in zip(("q", "k", "v"), (q, k, v)):
+                target = self.role(layer, role)
+                self.set_linear_weight(target, lin.weight)
+                if target.bias is not None:
+                    with torch.no_grad():
+                        target.bias.copy_(lin.bias)
+            return
+        fused = self.role(layer, "qkv")
+        self.set_linear_weight(fused, torch.cat([q.weight, k.weight, v.weight], dim=0))
+        if fused.bias is not None:
+            with torch.no_grad():
+                fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+
+    # ---------------- sublayer dropping ----------------
+
+    def skip_sublayer(self, layer: nn.Module, which: Sublayer, keep_norm: bool = False) -> None:
+        """Make one sublayer's residual branch contribute nothing: ``h_out = h_in``.
+
+        Pre-norm families lose the branch and its norm. In the post-LN family (BERT) the norm
+        sits after the residual add; ``keep_norm`` keeps it (output = LN(h_in)).
+        """
+        if which not in ("attn", "mlp"):
+            raise ValueError(f"sublayer must be 'attn' or 'mlp', got {which!r}")
+        assert self.skip is not None
+        self.skip(self, layer, which, keep_norm)
+
+    def is_skipped(self, layer: nn.Module, which: Sublayer) -> bool:
+        mod = self.role(layer, which)
+        mod = mod[-1] if isinstance(mod, tuple) else mod
+        return isinstance(mod, (ZeroBranch, PassThroughAttention, PassThroughOutput))
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The attention module of every layer (skipped ones included)."""
+        return [self.role(layer, "attn") for layer in self.layers(model)]
+
+    def renumber_kv_cache(self, model: nn.Module) -> list[int | None]:
+        """Give each kept attention layer a dense KV-cache slot (0, 1, ...) after drops.
+
+        Dropped attention layers get no slot, so the cache has no empty slots in the middle
+        and ``cache.get_seq_length()`` (slot 0) is always a real layer. Returns the slot of
+        every layer (None where attention is dropped).
+        """
+        slots: list[int | None] = []
+        n = 0
+        for layer in self.layers(model):
+            attn = self.role(layer, "attn")
+            if self.is_skipped(layer, "attn"):
+                slots.append(None)
+                continue
+            if hasattr(attn, "layer_idx"):
+                attn.layer_idx = n
+            slots.append(n)
+            n += 1
+        return slots
+
+    def remove_layers(self, model: nn.Module, drop: list[int]) -> None:
+        """Delete whole blocks; the result stays a plain Hugging Face model."""
+        layers = self.layers(model)
+        keep = [m for i, m in enumerate(layers) if i not in set(drop)]
+        _set(self.base(model), self.layers_path, nn.ModuleList(keep))
+        cfg = model.config
+        cfg.num_hidden_layers = len(keep)
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in set(drop)]
+        for new_idx, layer in enumerate(keep):
+            attn = self.role(layer, "attn")
+            if hasattr(attn, "layer_idx"):
+                attn.layer_idx = new_idx
+            if hasattr(layer, "layer_idx"):
+                layer.layer_idx = new_idx
+
+    # ---------------- config facts ----------------
+
+    @staticmethod
+    def hidden_size(config) -> int:
+        return int(config.hidden_size)
+
+    @staticmethod
+    def num_heads(config) -> int:
+        return int(config.num_attention_heads)
+
+
+def _skip_pre_norm(fam: Family, layer: nn.Module, which: Sublayer, keep_norm: bool) -> None:
+    if keep_norm:
+        raise SqueezeError(f"{fam.name} is a pre-norm family: a dropped sublayer takes its norm with it")
+    norm_role = "attn_norm" if which == "attn" else "mlp_norm"
+    fam.set_role(layer, norm_role, nn.Identity())
+    fam.set_role(layer, which, ZeroBranch(returns_tuple=(which == "attn" and fam.attn_returns_tuple)))
+
+
+def _skip_bert(fam: Family, layer: nn.Module, which: Sublayer, keep_norm: bool) -> None:
+    # BERT: attention = self-attention + output(dense, LayerNorm(x + h)); mlp = intermediate +
+    # output(dense, LayerNorm(x + h)). Skipping replaces the whole block, LN optionally kept.
+    if which == "attn":
+        norm = fam.role(layer, "attn_norm") if keep_norm else None
+        layer.attention = PassThroughAttention(norm)
+    else:
+        norm = fam.role(layer, "mlp_norm") if keep_norm else None
+        layer.intermediate = nn.Identity()
+        layer.output = PassThroughOutput(norm)
+
+
+BERT = Family(
+    name="bert",
+    model_types=("bert",),
+    modality="text",
+    causal=False,
+    default_class="BertModel",
+    classes=("BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForTokenClassification"),
+    layers_path="encoder.layer",
+    roles={
+        "attn": "attention",
+        "mlp": ("intermediate", "output"),
+        "attn_norm": "attention.output.LayerNorm",
+        "mlp_norm": "output.LayerNorm",
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "qkv": None,
+        "attn_out": "attention.output.dense",
+        "mlp_in": ("intermediate.dense",),
+        "mlp_out": "output.dense",
+    },
+    norm_kind="layernorm",
+    norm_placement="post",
+    embeddings=("embeddings",),
+    final_norm=None,
+    head=None,
+    model_inputs=("input_ids", "attention_mask", "token_type_ids"),
+    skip=_skip_bert,
+)
+
+VIT = Family(
+    name="vit",
+    model_types=("vit", "deit"),
+    modality="vision",
+    causal=False,
+    default_class="ViTModel",
+    classes=("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification"),
+    layers_path="layers",
+    roles={
+        "attn": "attention",
+        "mlp": "mlp",
+        "attn_norm": "layernorm_before",
+        "mlp_norm": "layernorm_after",
+        "q": "attention.q_proj",
+        "k": "attention.k_proj",
+        "v": "attention.v_proj",
+        "qkv": None,
+        "attn_out": "attention.o_proj",
+        "mlp_in": ("mlp.fc1",),
+        "mlp_out": "mlp.fc2",
+    },
+    norm_kind="layernorm",
+    norm_placement="pre",
+    embeddings=("embeddings",),
+    final_norm="layernorm",
+    head="classifier",
+    model_inputs=("pixel_values",),
+    skip=_skip_pre_norm,
+)
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    modality="text",
+    causal=True,
+    default_class="LlamaForCausalLM",
+    classes=("LlamaForCausalLM", "LlamaModel", "MistralForCausalLM", "MistralModel", "Qwen2ForCausalLM", "Qwen2Model"),
+    layers_path="layers",
+    roles={
+        "attn": "self_attn",
+        "mlp": "mlp",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "qkv": None,
+        "attn_out": "self_attn.o_proj",
+        "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp_out": "mlp.down_proj",
+    },
+    norm_kind="rmsnorm",
+    norm_placement="pre",
+    embeddings=("embed_tokens",),
+    final_norm="norm",
+    head="lm_head",
+    skip=_skip_pre_norm,
+)
+
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    modality="text",
+    causal=True,
+    default_class="GPT2LMHeadModel",
+    classes=("GPT2LMHeadModel", "GPT2Model"),
+    layers_path="h",
+    roles={
+        "attn": "attn",
+        "mlp": "mlp",
+        "attn_norm": "ln_1",
+        "mlp_norm": "ln_2",
+        "q": None,
+        "k": None,
+        "v": None,
+        "qkv": "attn.c_attn",
+        "attn_out": "attn.c_proj",
+        "mlp_in": ("mlp.c_fc",),
+        "mlp_out": "mlp.c_proj",
+    },
+    norm_kind="layernorm",
+    norm_placement="pre",
+    embeddings=("wte", "wpe"),
+    final_norm="ln_f",
+    head="lm_head",
+    conv1d=True,
+    skip=_skip_pre_norm,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, VIT, LLAMA, GPT2)}
+_BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES.values() for mt in f.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_for(model_type: str | None) -> Family:
+    """The family of a ``model_type``; a clear error listing the supported ones otherwise."""
+    fam = _BY_MODEL_TYPE.get(model_type or "")
+    if fam is None:
+        raise SqueezeError(
+            f"unsupported model_type {model_type!r}; squeeze supports: {', '.join(supported_model_types())}"
+        )
+    return fam
+
+
+def model_class(family: Family, config) -> type:
+    """The transformers class to build for a config: its own architecture when we know it."""
+    archs = list(getattr(config, "architectures", None) or [])
+    name = next((a for a in archs if a in family.classes), family.default_class)
+    return getattr(transformers, name)
+
+
+def build_from_config(family: Family, config) -> nn.Module:
+    """An architecture with freshly initialised weights (to be overwritten by a state dict)."""
+    cls = model_class(family, config)
+    model = cls._from_config(config)
+    model.eval()
+    return model
+
+
+def image_size(config) -> int:
+    size = config.image_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)

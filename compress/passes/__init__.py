@@ -1,0 +1,20 @@
+"""The pass registry: one explicit dict. The registry key, the CLI subcommand and the recipe
+step name are the same word. No import side effects, no package walking."""
+
+from __future__ import annotations
+
+from squeeze.compress.errors import SqueezeError
+from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassReport, run_pass
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered under ``name``; a clear error listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise SqueezeError(f"unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY)) or 'none'}") from None
+
+
+__all__ = ["REGISTRY", "Edit", "Pass", "PassConfig", "PassContext", "PassReport", "get_pass", "run_pass"]

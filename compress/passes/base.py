@@ -1,0 +1,219 @@
+"""The pass interface: Pass, PassConfig, PassContext, PassReport, and ``run_pass``.
+
+A pass is a frozen pydantic config plus a class with two halves:
+
+* ``apply(models, ctx)`` does the work (may need calibration data) and returns the new model;
+  it records what a reload needs in ``ctx.result`` (stored in the manifest edit) and may add
+  ``ctx.metrics`` (stored in the ledger) and ``ctx.warn(...)`` messages.
+* ``restructure(model, edit, family)`` re-creates the shapes from a manifest edit, with no data,
+  so that ``checkpoint.load`` can then load the state dict strictly.
+
+Passes never print: they log, and report progress through ``ctx.progress``; only ``cli/`` draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from squeeze.compress.families import Family
+
+if TYPE_CHECKING:
+    from squeeze.compress.calibration import DataSpec
+    from squeeze.compress.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]  # (label, done, total)
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: unknown keys are errors, and configs never change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Edit(BaseModel):
+    """One manifest entry: which pass, with which config, and what it decided."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    pass_name: str = Field(alias="pass")
+    config: dict[str, Any] = Field(default_factory=dict)
+    result: dict[str, Any] = Field(default_factory=dict)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+@dataclass
+class PassReport:
+    """One ledger row: what a pass cost and gained."""
+
+    name: str
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    fidelity: dict[str, float]
+    seconds: float
+    peak_mem_mb: float
+    warnings: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use: family, seeded randomness, data, device, progress, result slots."""
+
+    family: Family
+    checkpoint: "Checkpoint | None" = None
+    calibration: "DataSpec | None" = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: ProgressFn | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    _calib: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _eval: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def step(self, label: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(label, done, total)
+
+    def calib_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Calibration batches for this model (built once, lazily)."""
+        if self._calib is None:
+            from squeeze.compress.calibration import DataSpec, batches
+
+            spec = self.calibration or DataSpec()
+            self._calib = batches(self.checkpoint, spec, split="calib", warn=self.warn)
+        return self._calib
+
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Held-apart evaluation batches (disjoint from calibration)."""
+        if self._eval is None:
+            from squeeze.compress.calibration import DataSpec, batches
+
+            spec = (self.calibration or DataSpec()).for_eval()
+            self._eval = batches(self.checkpoint, spec, split="eval", warn=self.warn)
+        return self._eval
+
+
+class Pass(ABC):
+    """A compression pass. Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    #: several input models (fuse, merge)
+    multi_model: ClassVar[bool] = False
+    #: apply() reads ctx.calib_batches()
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig | None = None, **kwargs: Any):
+        self.config = config if config is not None else self.Config(**kwargs)
+
+    def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
+        """Refuse unsupported models before touching anything (raise SqueezeError)."""
+
+    @abstractmethod
+    def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
+        """Do the work; return the new model; record the manifest result in ``ctx.result``."""
+
+    @abstractmethod
+    def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
+        """Re-create the shapes an ``apply`` produced, from the manifest edit alone."""
+
+
+def count_params(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the state dict occupies (tied tensors counted once): what a save writes."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def run_pass(
+    pass_: Pass,
+    inputs: list["Checkpoint"],
+    ctx: PassContext,
+    *,
+    measure_fidelity: bool = True,
+) -> "Checkpoint":
+    """Run one pass on checkpoints; return the new checkpoint with its edit and ledger row.
+
+    The fidelity is measured against the first input on held-apart evaluation data.
+    """
+    from squeeze.compress.checkpoint import Checkpoint
+    from squeeze.compress.evaluate import PeakMemory, compare_outputs, reference_outputs
+
+    first = inputs[0]
+    ctx.checkpoint = first
+    pass_.check(first.family, [c.model for c in inputs])
+    params_before, bytes_before = count_params(first.model), model_bytes(first.model)
+    ref = reference_outputs(first.model, first.family, ctx.eval_batches()) if measure_fidelity else None
+
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        model = pass_.apply([c.model for c in inputs], ctx)
+    seconds = time.perf_counter() - start
+    model.eval()
+
+    fidelity: dict[str, float] = {}
+    if ref is not None:
+        fidelity = compare_outputs(ref, reference_outputs(model, first.family, ctx.eval_batches()))
+
+    config = pass_.config.model_dump(mode="json")
+    report = PassReport(
+        name=pass_.name,
+        config=config,
+        params_before=params_before,
+        params_after=count_params(model),
+        bytes_before=bytes_before,
+        bytes_after=model_bytes(model),
+        fidelity=fidelity,
+        seconds=round(seconds, 3),
+        peak_mem_mb=round(mem.peak_mb, 1),
+        warnings=list(ctx.warnings),
+        metrics=dict(ctx.metrics),
+    )
+    manifest = first.manifest.with_edit(
+        Edit(pass_name=pass_.name, config=config, result=dict(ctx.result)), report.to_dict()
+    )
+    return Checkpoint(model=model, family=first.family, manifest=manifest, source=first.source)
