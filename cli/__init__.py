@@ -1,0 +1,1 @@
+"""squeeze.cli: the Typer app. Commands are thin: parse, call the library, render."""

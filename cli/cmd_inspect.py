@@ -1,0 +1,39 @@
+"""``squeeze inspect CKPT``."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from squeeze.cli.common import JsonOpt, TrustPickleOpt, console, fmt_bytes, print_json
+from squeeze.compress.checkpoint import describe, load
+
+
+def inspect(
+    ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
+    as_json: bool = JsonOpt,
+    trust_pickle: bool = TrustPickleOpt,
+) -> None:
+    """Family, parameters, layers, heads, hidden size, dtype, size, and squeeze's edits."""
+    info = describe(load(ckpt, trust_pickle=trust_pickle))
+    if as_json:
+        print_json(info)
+        return
+    t = Table(show_header=False, title=info["path"], title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("")
+    for key in ("family", "model_type", "architecture"):
+        t.add_row(key, str(info[key]))
+    t.add_row("params", f"{info['params']:,}")
+    for key in ("layers", "heads", "hidden_size"):
+        t.add_row(key, str(info[key]))
+    t.add_row("dtype", ", ".join(info["dtypes"]))
+    t.add_row("size on disk", fmt_bytes(info["bytes_on_disk"]))
+    t.add_row("sha256 (base)", info["sha256"][:16])
+    for i, edit in enumerate(info["edits"]):
+        t.add_row(f"edit {i}", f"{edit['pass']} {edit['config']} -> {edit['result']}")
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)

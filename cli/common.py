@@ -1,0 +1,92 @@
+"""What every command shares: consoles, progress drawing, data options, tables."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from squeeze.compress.calibration import DataSpec
+from squeeze.compress.passes.base import ProgressFn
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# Shared option declarations (the same flags mean the same thing in every command).
+OutOpt = typer.Option(..., "-o", "--output", help="Output folder (written atomically).")
+ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output.")
+TrustPickleOpt = typer.Option(False, "--trust-pickle", help="Allow pickle weights (read with weights_only=True).")
+CalibOpt = typer.Option("builtin", "--calib", help="Calibration data: builtin, synthetic, a .txt/.jsonl file, an .npz or an image folder.")
+SamplesOpt = typer.Option(128, "--samples", min=1, max=100_000, help="Calibration samples.")
+SeqLenOpt = typer.Option(128, "--seq-len", min=4, max=32_768, help="Tokens per calibration sample.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON for machines.")
+
+
+def data_spec(calib: str, samples: int, seq_len: int, **extra: Any) -> DataSpec:
+    if calib not in ("builtin", "synthetic") and not Path(calib).exists():
+        from squeeze.compress.errors import SqueezeError
+
+        raise SqueezeError(f"{calib}: no such calibration data (use builtin, synthetic or a path)")
+    return DataSpec(source=calib, samples=samples, seq_len=seq_len, **extra)
+
+
+@contextlib.contextmanager
+def progress() -> Iterator[ProgressFn]:
+    """A ProgressFn drawing Rich bars; silent when stdout is not a terminal."""
+    if not console.is_terminal:
+        yield lambda label, done, total: None
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = bars.add_task(label, total=total)
+        bars.update(tasks[label], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def fmt_num(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    """One pass's ledger row as a two-column table."""
+    t = Table(title=f"{report['name']}", show_header=False, title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("params", f"{report['params_before']:,} -> {report['params_after']:,}")
+    t.add_row("bytes", f"{fmt_bytes(report['bytes_before'])} -> {fmt_bytes(report['bytes_after'])}")
+    fid = report.get("fidelity") or {}
+    if fid:
+        t.add_row("fidelity", "  ".join(f"{k}={fmt_num(v)}" for k, v in fid.items()))
+    t.add_row("time", f"{report['seconds']:.2f} s, peak {report['peak_mem_mb']:.0f} MB")
+    for w in report.get("warnings", []):
+        t.add_row("warning", f"[yellow]{w}[/yellow]")
+    return t
