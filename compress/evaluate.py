@@ -197,3 +197,44 @@ def ort_latency_ms(session, feeds: dict[str, np.ndarray], *, warmup: int = 5, ru
         session.run(None, feeds)
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1e3)
+
+
+class _OrtModel:
+    """Runs an exported graph like a model, for ``squeeze eval model.onnx --ref CKPT``."""
+
+    def __init__(self, path: Path):
+        self.session = ort_session(path)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.output = self.session.get_outputs()[0].name
+
+    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        feeds = {}
+        for name in self.inputs:
+            t = batch.get(name)
+            feeds[name] = (t if t is not None else torch.zeros_like(batch["input_ids"])).numpy()
+        return {self.output: torch.from_numpy(self.session.run(None, feeds)[0]).float()}
+
+
+def evaluate_against(model_ref: str, reference, spec, *, trust_pickle: bool = False) -> dict[str, float]:
+    """Fidelity of a checkpoint folder or an ``.onnx`` graph against a reference checkpoint."""
+    from squeeze.compress.calibration import batches
+    from squeeze.compress.checkpoint import load
+    from squeeze.compress.errors import SqueezeError
+
+    data = batches(reference, spec, split="eval")
+    ref = reference_outputs(reference.model, reference.family, data)
+    path = Path(model_ref)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise SqueezeError(f"{path}: no such file")
+        runner = _OrtModel(path)
+        new = Reference(family=reference.family, outputs=[runner.outputs(b) for b in data], batches=data)
+        name = next(iter(ref.outputs[0]))
+        if runner.output != name:
+            raise SqueezeError(f"{path}: graph output {runner.output!r} is not the reference's {name!r}")
+    else:
+        other = load(model_ref, trust_pickle=trust_pickle)
+        if other.family.name != reference.family.name:
+            raise SqueezeError(f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model")
+        new = reference_outputs(other.model, other.family, data)
+    return compare_outputs(ref, new)

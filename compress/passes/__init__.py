@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassReport, run_pass
+from squeeze.compress.passes.logit_merge import LogitMerge
 
-REGISTRY: dict[str, type[Pass]] = {}
+REGISTRY: dict[str, type[Pass]] = {
+    "merge": LogitMerge,
+}
 
 
 def get_pass(name: str) -> type[Pass]:

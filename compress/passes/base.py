@@ -86,6 +86,8 @@ class PassContext:
     result: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: every input checkpoint, in order (set by run_pass; multi-model passes read side files)
+    inputs: "list[Checkpoint]" = field(default_factory=list)
     _calib: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
     _eval: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
@@ -185,6 +187,7 @@ def run_pass(
 
     first = inputs[0]
     ctx.checkpoint = first
+    ctx.inputs = list(inputs)
     pass_.check(first.family, [c.model for c in inputs])
     params_before, bytes_before = count_params(first.model), model_bytes(first.model)
     ref = reference_outputs(first.model, first.family, ctx.eval_batches()) if measure_fidelity else None

@@ -1,0 +1,123 @@
+"""``squeeze export``, ``squeeze check`` and ``squeeze eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from squeeze.cli.common import ForceOpt, JsonOpt, TrustPickleOpt, console, data_spec, fmt_bytes, fmt_num, print_json
+from squeeze.compress.checkpoint import load
+from squeeze.compress.errors import SqueezeError, ValidationFailed
+from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, tensorrt_readiness
+
+
+def export(
+    ckpt: str = typer.Argument(..., help="Checkpoint folder (Hugging Face or squeeze)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The .onnx file to write."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (14-20; dynamo: 18+)."),
+    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help="Absolute tolerance of the validation."),
+    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help="Relative tolerance of the validation."),
+    batch: int = typer.Option(2, "--batch", help="Validation batch size (a second shape uses batch+1)."),
+    seq_len: int = typer.Option(16, "--seq-len", help="Validation sequence length (a second shape uses 2x)."),
+    target: str = typer.Option("ort", "--target", help="ort, or tensorrt to also run the TensorRT readiness check."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (fast) or dynamo."),
+    plain: bool = typer.Option(False, "--plain", help="Inline squeeze custom ops into standard ONNX ops."),
+    ref: str = typer.Option(None, "--ref", help="Also report the graph's fidelity against this checkpoint."),
+    data: str = typer.Option("builtin", "--data", help="Validation inputs: builtin, synthetic, or a data file."),
+    force: bool = ForceOpt,
+    trust_pickle: bool = TrustPickleOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export to ONNX with dynamic axes; validate against PyTorch; fail (exit 1) on disagreement."""
+    model = load(ckpt, trust_pickle=trust_pickle)
+    reference = load(ref, trust_pickle=trust_pickle) if ref else None
+    spec = data_spec(data, 8, max(seq_len * 2, 8))
+    try:
+        report = export_onnx(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
+                             target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference)
+    except ValidationFailed:
+        raise
+    if as_json:
+        print_json(report)
+        return
+    t = Table(title=f"{output}", title_justify="left")
+    for col in ("shape", "max abs", "max rel", "cosine", "ok"):
+        t.add_column(col)
+    for c in report["validation"]:
+        t.add_row(c["shape"], fmt_num(c["max_abs"]), fmt_num(c["max_rel"]), f"{c['cosine']:.6f}", "yes" if c["ok"] else "NO")
+    console.print(t)
+    console.print(f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms "
+                  f"(batch {batch}, seq {seq_len}), custom ops: {', '.join(report['custom_ops']) or 'none'}")
+    if "fidelity_vs_reference" in report:
+        fid = report["fidelity_vs_reference"]
+        console.print("fidelity vs reference: " + "  ".join(f"{k}={fmt_num(v)}" for k, v in fid.items()))
+    if "tensorrt" in report:
+        _print_trt(report["tensorrt"])
+
+
+def _print_trt(trt: dict) -> None:
+    status = "[green]ready[/green]" if trt["ok"] else "[red]NOT ready[/red]"
+    console.print(f"TensorRT {trt['tensorrt_version']}: {status}")
+    for p in trt["problems"]:
+        console.print(f"  [red]x[/red] {p}")
+    for n in trt["notes"]:
+        console.print(f"  - {n}")
+
+
+def check(
+    model: Path = typer.Argument(..., help="An .onnx file."),
+    target: str = typer.Option("tensorrt", "--target", help="Only tensorrt is checked statically."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Static deployment readiness of an ONNX graph (exit 1 if something would not parse)."""
+    import onnx
+
+    if target != "tensorrt":
+        raise SqueezeError(f"--target must be tensorrt, got {target!r}")
+    if not model.is_file():
+        raise SqueezeError(f"{model}: no such file")
+    try:
+        proto = onnx.load(str(model))
+    except Exception as exc:
+        raise SqueezeError(f"{model}: not a readable ONNX model ({type(exc).__name__})") from None
+    trt = tensorrt_readiness(proto)
+    if as_json:
+        print_json(trt)
+    else:
+        _print_trt(trt)
+    if not trt["ok"]:
+        raise ValidationFailed(f"{len(trt['problems'])} node(s) TensorRT would not parse")
+
+
+def evaluate(
+    model: str = typer.Argument(..., help="A checkpoint folder or an .onnx file."),
+    ref: str = typer.Option(..., "--ref", help="The reference checkpoint."),
+    data: str = typer.Option("builtin", "--data", help="Evaluation data: builtin, synthetic, .txt, .jsonl (with label), .npz."),
+    samples: int = typer.Option(64, "--samples", min=1, max=100_000),
+    seq_len: int = typer.Option(128, "--seq-len", min=4, max=32_768),
+    trust_pickle: bool = TrustPickleOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fidelity of a checkpoint or ONNX graph against a reference on held-apart data."""
+    from squeeze.compress.evaluate import evaluate_against
+
+    reference = load(ref, trust_pickle=trust_pickle)
+    spec = data_spec(data, samples, seq_len, eval_samples=samples)
+    result = evaluate_against(model, reference, spec, trust_pickle=trust_pickle)
+    if as_json:
+        print_json(result)
+        return
+    t = Table(title=f"{model} vs {ref}", title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    for k, v in result.items():
+        t.add_row(k, fmt_num(v))
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
+    app.command("check")(check)
+    app.command("eval")(evaluate)

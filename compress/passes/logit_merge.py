@@ -1,0 +1,531 @@
+"""Logit-averaging merge of several models (Growing Transformers; Bochkov, arXiv 2507.07129, §3.1).
+
+The merged model runs every expert on the same input and returns the weighted mean of their
+logits: ``logits = sum_i w_i * logits_i`` with ``w`` normalised to sum to 1 (equal by default).
+There is no router and no parameter beyond the experts'. For models without a head (an
+embedding model) the merge averages what the family exposes instead, ``last_hidden_state``
+(and ``pooler_output`` when every expert has one), and the ledger says so.
+
+Compatibility is checked before anything is written: same family, same kind of output (logits
+or hidden states), same output shape (vocabulary size, number and names of labels, hidden size,
+image and patch size), and, where the checkpoints are known (``ctx.inputs``), the same tokenizer
+(vocabulary map, special tokens, and the ids of sample text) or the same image processor config.
+Experts may differ in depth or width: only their outputs must line up.
+
+Saved form: the merged folder's ``model.safetensors`` holds every expert (keys ``experts.<i>.``);
+the base in the manifest is the first expert, and the edit's result holds, for every other expert,
+its base config, architecture and its own squeeze edits, so ``restructure`` rebuilds the wrapper
+with no data and the state dict then loads strictly.
+
+Decoders: :meth:`MergedModel.generate` is a greedy loop in which each expert keeps its own KV
+cache (the paper's advice); it gives the same tokens with and without the cache.
+
+Passes applied *after* a merge see the first expert only (``family.layers`` of the wrapper is the
+first expert's); compress the experts before merging them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import ConfigDict, Field, field_validator, model_validator
+from torch import nn
+from transformers.utils import ModelOutput
+
+from squeeze.compress.errors import SqueezeError
+from squeeze.compress.families import Family, build_from_config, family_for, image_size
+from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
+
+log = logging.getLogger(__name__)
+
+HEADLESS_NOTE = "the experts have no head: the merge averages their hidden states (last_hidden_state), not logits"
+# Probe tokens for the output-shape check and sample text for the tokenizer check.
+_PROBE_LEN = 4
+_SAMPLE_TEXTS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# The merged model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergedOutput(ModelOutput):
+    """What a merged model returns: the weighted mean of the experts' outputs.
+
+    ``past_key_values`` is a tuple with one cache per expert (None without a cache).
+    """
+
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    past_key_values: tuple | None = None
+
+
+class MergedModel(nn.Module):
+    """Several experts behind one forward that returns the weighted mean of their outputs.
+
+    Args:
+        experts: models of one family whose outputs have the same shape.
+        weights: one non-negative weight per expert (normalised here to sum to 1).
+        output: ``"logits"`` or ``"last_hidden_state"``, what is averaged.
+    """
+
+    def __init__(self, experts: list[nn.Module], weights: list[float], output: str = "logits"):
+        super().__init__()
+        if len(experts) != len(weights):
+            raise ValueError(f"{len(experts)} experts but {len(weights)} weights")
+        self.experts = nn.ModuleList(experts)
+        # Python floats, not a buffer: nothing beyond the experts lands in the state dict, and
+        # the export folds them into constants.
+        self.merge_weights = normalize(weights)
+        self.output = output
+
+    # HF-like facts the rest of squeeze reads (describe, evaluate, export, families).
+    @property
+    def config(self):
+        return self.experts[0].config
+
+    @property
+    def family(self) -> Family:
+        return family_for(self.config.model_type)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The first expert's base transformer, so ``family.layers(merged)`` works."""
+        return self.family.base(self.experts[0])
+
+    @property
+    def generation_config(self):
+        return getattr(self.experts[0], "generation_config", None)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.experts[0], "main_input_name", "input_ids")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, *args, past_key_values=None, return_dict: bool = True, **kwargs) -> MergedOutput:
+        """Run every expert on the same inputs; return the weighted mean of their outputs.
+
+        Takes what an expert takes. ``past_key_values``, when given, is one cache per expert
+        (as returned in :class:`MergedOutput`).
+        """
+        outs = []
+        for i, expert in enumerate(self.experts):
+            kw = dict(kwargs)
+            if past_key_values is not None:
+                kw["past_key_values"] = past_key_values[i]
+            outs.append(expert(*args, return_dict=True, **kw))
+        result: dict[str, Any] = {}
+        names = ["logits"] if self.output == "logits" else ["last_hidden_state", "pooler_output"]
+        for name in names:
+            values = [getattr(o, name, None) for o in outs]
+            if any(v is None for v in values):
+                continue
+            acc = self.merge_weights[0] * values[0]
+            for w, v in zip(self.merge_weights[1:], values[1:]):
+                acc = acc + w * v
+            result[name] = acc
+        caches = tuple(getattr(o, "past_key_values", None) for o in outs)
+        if any(c is not None for c in caches):
+            result["past_key_values"] = caches
+        return MergedOutput(**result)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        use_cache: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        do_sample: bool = False,
+    ) -> torch.Tensor:
+        """Greedy decoding on the averaged logits; each expert keeps its own KV cache.
+
+        Returns the prompt followed by the new tokens, ``(B, T + new)``, like transformers'
+        ``generate``: rows that reached an end-of-sequence token are padded with ``pad_token_id``
+        and decoding stops when every row has finished. Positions follow the attention mask, so
+        left-padded prompts decode as they do in transformers.
+        """
+        if not self.family.causal:
+            raise SqueezeError(f"generate needs decoder experts; {self.family.name} is an encoder")
+        if self.output != "logits":
+            raise SqueezeError("generate needs experts with a language-model head")
+        if do_sample:
+            raise SqueezeError("the merged model decodes greedily only (do_sample=False)")
+        gen = self.generation_config
+        if eos_token_id is None:
+            eos_token_id = getattr(gen, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = self.config.eos_token_id
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)
+        if pad_token_id is None:
+            pad_token_id = getattr(gen, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if len(eos) else 0
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        caches = None
+        for _ in range(max_new_tokens):
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T), as transformers
+            if caches is None:
+                out = self(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            else:
+                out = self(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
+                           past_key_values=caches, use_cache=True)
+            caches = out.past_key_values if use_cache else None
+            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            finished |= torch.isin(nxt, eos.to(nxt.device))
+            if bool(finished.all()):
+                break
+        return ids
+
+
+def normalize(weights: list[float]) -> list[float]:
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility
+# --------------------------------------------------------------------------------------------
+
+
+def _name(i: int, names: list[str] | None) -> str:
+    return names[i] if names else f"model {i + 1}"
+
+
+def _probe_inputs(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    if family.modality == "vision":
+        size = image_size(cfg)
+        return {"pixel_values": torch.zeros(1, int(cfg.num_channels), size, size)}
+    ids = torch.arange(1, _PROBE_LEN + 1).remainder(int(cfg.vocab_size))[None]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in family.model_inputs:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    return batch
+
+
+@torch.no_grad()
+def output_signature(model: nn.Module, family: Family) -> tuple[str, tuple[int, ...]]:
+    """(what the merge would average, its shape on a one-sample probe)."""
+    kwargs: dict[str, Any] = _probe_inputs(model, family)
+    if family.causal:
+        kwargs["use_cache"] = False
+    out = model(**kwargs, return_dict=True)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return "logits", tuple(logits.shape)
+    return "last_hidden_state", tuple(out.last_hidden_state.shape)
+
+
+def _config_facts(model: nn.Module, family: Family, kind: str) -> dict[str, Any]:
+    """The config values that fix the output's shape and meaning, by name."""
+    cfg = model.config
+    facts: dict[str, Any] = {}
+    if family.modality == "vision":
+        facts["image_size"] = image_size(cfg)
+        facts["num_channels"] = int(cfg.num_channels)
+        if kind == "last_hidden_state":
+            facts["patch_size"] = getattr(cfg, "patch_size", None)
+    else:
+        facts["vocab_size"] = int(cfg.vocab_size)
+    if kind == "last_hidden_state":
+        facts["hidden_size"] = family.hidden_size(cfg)
+    elif family.modality == "vision" or not family.causal:
+        # a classifier's logits are only comparable when the labels mean the same thing
+        labels = getattr(cfg, "id2label", None) or {}
+        facts["num_labels"] = len(labels)
+        facts["id2label"] = {int(k): v for k, v in labels.items()}
+    return facts
+
+
+def check_models(models: list[nn.Module], names: list[str] | None = None) -> tuple[Family, str]:
+    """Refuse experts whose family, kind of output or output shape differ.
+
+    Returns the family and what the merge averages (``logits`` or ``last_hidden_state``).
+    Raises SqueezeError naming the first difference.
+    """
+    if len(models) < 2:
+        raise SqueezeError(f"merge needs at least two models, got {len(models)}")
+    fams = [family_for(getattr(m.config, "model_type", None)) for m in models]
+    for i, fam in enumerate(fams[1:], 1):
+        if fam.name != fams[0].name:
+            raise SqueezeError(
+                f"cannot merge: {_name(0, names)} is a {fams[0].name} model, {_name(i, names)} is a {fam.name} model"
+            )
+    family = fams[0]
+    sigs = [output_signature(m, family) for m in models]
+    kind = sigs[0][0]
+    for i, (k, _) in enumerate(sigs[1:], 1):
+        if k != kind:
+            def what(x: str) -> str:
+                return "logits (it has a head)" if x == "logits" else "hidden states (no head)"
+
+            raise SqueezeError(
+                f"cannot merge: {_name(0, names)} outputs {what(kind)} but {_name(i, names)} outputs {what(k)}"
+            )
+    facts = [_config_facts(m, family, kind) for m in models]
+    for i in range(1, len(models)):
+        for key, ref in facts[0].items():
+            if facts[i].get(key) == ref:
+                continue
+            if key == "id2label":
+                raise SqueezeError(
+                    f"cannot merge: the label names (id2label) of {_name(0, names)} and {_name(i, names)} differ"
+                )
+            raise SqueezeError(
+                f"cannot merge: {key} differs: {_name(0, names)} has {ref}, {_name(i, names)} has {facts[i].get(key)}"
+            )
+        if sigs[i][1][1:] != sigs[0][1][1:]:
+            raise SqueezeError(
+                f"cannot merge: output shape differs: {_name(0, names)} gives {kind} of shape {sigs[0][1]}, "
+                f"{_name(i, names)} gives {sigs[i][1]}"
+            )
+    return family, kind
+
+
+def _tokenizer_facts(tok) -> dict[str, Any]:
+    from squeeze.compress.calibration import builtin_corpus
+
+    special = {k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items())
+               if isinstance(v, str)}
+    sample = builtin_corpus()[:_SAMPLE_TEXTS]
+    return {
+        "vocabulary (token -> id map)": tok.get_vocab(),
+        "special tokens": special,
+        "token ids of sample text": [tok(t, add_special_tokens=True)["input_ids"] for t in sample],
+    }
+
+
+def _processor_config(ckpt) -> dict[str, Any] | None:
+    import json
+
+    if ckpt.source is None or not (ckpt.source / "preprocessor_config.json").exists():
+        return None
+    try:
+        data = json.loads((ckpt.source / "preprocessor_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SqueezeError(f"{ckpt.source / 'preprocessor_config.json'}: not valid JSON ({exc})") from None
+    data.pop("processor_class", None)  # which class reads it says nothing about the pixels
+    return data
+
+
+def check_side_files(ckpts: list, names: list[str], warn=log.warning) -> None:
+    """Refuse checkpoints whose tokenizers (text) or image processors (vision) differ."""
+    family = ckpts[0].family
+    if family.modality == "vision":
+        procs = [_processor_config(c) for c in ckpts]
+        for i in range(1, len(ckpts)):
+            if procs[i] is None or procs[0] is None:
+                continue
+            diff = sorted(k for k in set(procs[0]) | set(procs[i]) if procs[0].get(k) != procs[i].get(k))
+            if diff:
+                raise SqueezeError(
+                    f"cannot merge: the image processors of {names[0]} and {names[i]} differ in: {', '.join(diff)}"
+                )
+        if any(p is None for p in procs):
+            warn("an expert has no preprocessor_config.json: image preprocessing was not compared")
+        return
+    toks = [c.tokenizer() for c in ckpts]
+    if all(t is None for t in toks):
+        warn("no expert has a tokenizer: only the vocabulary sizes were compared")
+        return
+    for i, t in enumerate(toks):
+        if t is None:
+            raise SqueezeError(f"cannot merge: {names[i]} has no tokenizer to compare with {names[0 if i else 1]}'s")
+    ref = _tokenizer_facts(toks[0])
+    for i in range(1, len(toks)):
+        facts = _tokenizer_facts(toks[i])
+        for key, value in ref.items():
+            if facts[key] != value:
+                raise SqueezeError(f"cannot merge: the tokenizers of {names[0]} and {names[i]} differ: {key}{_diff_hint(value, facts[key])}")
+
+
+def _diff_hint(a: Any, b: Any) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=str)
+        if keys:
+            k = keys[0]
+            return f" (e.g. {k!r}: {a.get(k)!r} vs {b.get(k)!r}; {len(keys)} entries differ)"
+    if isinstance(a, list) and isinstance(b, list):
+        return f" (first sample: {a[0][:8]}... vs {b[0][:8]}...)" if a and b and a[0] != b[0] else ""
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuilding experts from the manifest
+# --------------------------------------------------------------------------------------------
+
+
+def _expert_record(model: nn.Module, ckpt) -> dict[str, Any]:
+    """What ``restructure`` needs to rebuild one expert with no data."""
+    if ckpt is not None:
+        base = ckpt.manifest.base
+        return {"model_type": base.model_type, "architecture": base.architecture, "config": base.config,
+                "sha256": base.sha256, "source": base.source, "edits": list(ckpt.manifest.edits)}
+    record = {"model_type": model.config.model_type, "architecture": type(model).__name__,
+              "config": model.config.to_dict(), "sha256": None, "source": None, "edits": []}
+    # Without its checkpoint we only know the config: make sure that is enough to rebuild it.
+    rebuilt = build_expert(record)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if want != got:
+        raise SqueezeError(
+            f"a {type(model).__name__} expert carries changes its config does not describe (squeeze edits?); "
+            "merge checkpoints through run_pass / the CLI so their manifests are recorded"
+        )
+    return record
+
+
+def build_expert(record: dict[str, Any]) -> nn.Module:
+    """An expert's architecture from its record: base config, then its own edits replayed."""
+    from transformers import AutoConfig
+
+    from squeeze.compress.passes import get_pass
+
+    family = family_for(record["model_type"])
+    cfg = dict(record["config"])
+    cfg.pop("model_type", None)
+    config = AutoConfig.for_model(record["model_type"], **cfg)
+    config.architectures = [record["architecture"]]
+    model = build_from_config(family, config)
+    for raw in record.get("edits", []):
+        edit = Edit.model_validate(raw)
+        pass_cls = get_pass(edit.pass_name)
+        model = pass_cls(pass_cls.Config(**edit.config)).restructure(model, edit, family)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+class MergeConfig(PassConfig):
+    """``merge``: average the logits of this model and the ``with`` models.
+
+    Recipe form: ``- merge: {with: [B, C], weights: [0.5, 0.25, 0.25]}``; the recipe engine
+    loads each ``with`` reference with ``checkpoint.load`` and passes the checkpoints after the
+    job's model, in order.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    with_: list[str] = Field(default_factory=list, alias="with",
+                             description="the other experts (model references), in order")
+    weights: list[float] | None = Field(
+        None, description="one weight per expert, this model first (default: equal); normalised to sum 1"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError("give one weight per expert (at least two)")
+        if any(not (w >= 0) or w == float("inf") for w in v):
+            raise ValueError(f"weights must be finite and non-negative, got {v}")
+        if sum(v) <= 0:
+            raise ValueError("weights must not all be zero")
+        return v
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> "MergeConfig":
+        if self.with_ and self.weights is not None and len(self.weights) != len(self.with_) + 1:
+            raise ValueError(
+                f"{len(self.weights)} weights for {len(self.with_) + 1} experts (this model and {len(self.with_)} 'with')"
+            )
+        return self
+
+
+class LogitMerge(Pass):
+    """Logit-averaging merge: one model whose output is the weighted mean of the experts'."""
+
+    name: ClassVar[str] = "merge"
+    Config: ClassVar[type[PassConfig]] = MergeConfig
+    multi_model: ClassVar[bool] = True
+
+    def _weights(self, n: int) -> list[float]:
+        cfg: MergeConfig = self.config  # type: ignore[assignment]
+        if cfg.with_ and len(cfg.with_) + 1 != n:
+            raise SqueezeError(f"merge: {len(cfg.with_)} 'with' models configured but {n - 1} given")
+        if cfg.weights is None:
+            return [1.0 / n] * n
+        if len(cfg.weights) != n:
+            raise SqueezeError(f"merge: {len(cfg.weights)} weights for {n} models (give one weight per model)")
+        return normalize(cfg.weights)
+
+    def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
+        models = models or []
+        self._weights(len(models))
+        check_models(models)
+
+    def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
+        weights = self._weights(len(models))
+        inputs = list(getattr(ctx, "inputs", None) or [])
+        ckpts = inputs if len(inputs) == len(models) and all(c.model is m for c, m in zip(inputs, models)) else None
+        names = [str(c.source or c.manifest.base.source or f"model {i + 1}") for i, c in enumerate(ckpts)] if ckpts else None
+        family, kind = check_models(models, names)
+        if ckpts:
+            check_side_files(ckpts, names, warn=ctx.warn)
+        else:
+            ctx.warn("merge got models without their checkpoints: tokenizers were not compared")
+        ctx.step("merge", 0, 1)
+
+        experts: list[nn.Module] = []
+        for m in models:
+            # the same module twice would share storage and save as one expert
+            experts.append(copy.deepcopy(m) if any(m is e for e in experts) else m)
+        records = [_expert_record(m, ckpts[i] if ckpts else None) for i, m in enumerate(models)][1:]
+        merged = MergedModel(experts, weights, output=kind).eval()
+
+        ctx.result.update({"weights": merged.merge_weights, "output": kind, "experts": records})
+        ctx.metrics.update({
+            "experts": len(models),
+            "weights": merged.merge_weights,
+            "averaged": kind,
+            "params_per_expert": [sum(p.numel() for p in m.parameters()) for m in models],
+            "embeddings_identical": _embeddings_identical(models, family),
+        })
+        if kind != "logits":
+            ctx.metrics["note"] = HEADLESS_NOTE
+            ctx.warn(HEADLESS_NOTE)
+        ctx.step("merge", 1, 1)
+        return merged
+
+    def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
+        res = edit.result
+        experts = [model, *(build_expert(r) for r in res["experts"])]
+        return MergedModel(experts, res["weights"], output=res.get("output", "logits")).eval()
+
+
+def _embeddings_identical(models: list[nn.Module], family: Family) -> bool:
+    """Whether all experts share one input embedding (the paper's shared frozen substrate)."""
+    ref = [m.state_dict() for m in family.embedding_modules(models[0])]
+    for other in models[1:]:
+        mods = family.embedding_modules(other)
+        for a, b in zip(ref, (m.state_dict() for m in mods)):
+            if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k]) for k in a):
+                return False
+    return True
