@@ -33,7 +33,7 @@ def export(
     """Export to ONNX with dynamic axes; validate against PyTorch; fail (exit 1) on disagreement."""
     model = load(ckpt, trust_pickle=trust_pickle)
     reference = load(ref, trust_pickle=trust_pickle) if ref else None
-    spec = data_spec(data, 8, max(seq_len * 2, 8))
+    spec = data_spec(data, 8, min(max(seq_len * 2, 8), 32_768))
     try:
         report = export_onnx(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
                              target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference)

@@ -11,6 +11,7 @@ import os
 import sys
 
 import click
+import pydantic
 import typer
 
 from squeeze.cli import commands
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return exc.exit_code
+    except pydantic.ValidationError as exc:  # a config built from the user's options
+        if debug:
+            raise
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        err_console.print(f"[red]error:[/red] {where}: {first['msg']}", soft_wrap=True)
+        return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

@@ -315,6 +315,46 @@ class Family:
             if hasattr(layer, "layer_idx"):
                 layer.layer_idx = new_idx
 
+    # ---------------- residual-stream taps and KV-cache slots (used by the prune pass) ----------------
+
+    def residual_tap(self, layer: nn.Module) -> nn.Module:
+        """The module whose first input is the residual stream between attention and MLP.
+
+        A forward pre-hook on it sees ``h'``: for pre-norm families the input of the MLP's norm
+        (``h + Attn(LN1(h))``), for post-LN BERT the input of the MLP branch (``LN(h +
+        Attn(h))``). It stays in place after either sublayer is skipped (a skipped pre-norm MLP
+        keeps an ``nn.Identity`` where its norm was; a skipped BERT MLP an ``nn.Identity``
+        intermediate), so partially pruned models can be re-scored.
+        """
+        if self.norm_placement == "pre":
+            return self.role(layer, "mlp_norm")
+        mlp = self.role(layer, "mlp")
+        return mlp[0] if isinstance(mlp, tuple) else mlp
+
+    def compact_kv_cache(self, model: nn.Module) -> list[int | None]:
+        """:meth:`renumber_kv_cache`, then make every KV cache the model uses hold exactly one
+        slot per kept attention layer.
+
+        transformers builds its caches from the config (``DynamicCache(config=...)`` in the
+        model's forward and in ``generate``; ``StaticCache`` likewise) with one slot per
+        ``num_hidden_layers``, typed per original layer (full or sliding attention). After
+        renumbering, slots ``n_kept..L-1`` would stay empty forever (``cache.is_initialized``
+        never turns true, ``len(cache)`` is wrong, a static cache could pre-allocate them) and
+        slot ``s`` would carry the type of original layer ``s`` rather than of the layer now
+        using it. A forward pre-hook on the base model (installed once; it survives deepcopy)
+        therefore rebuilds a config-shaped cache as the kept layers' own slots, in order, and
+        creates that cache itself when the model would otherwise build one. Caches that
+        already have ``n_kept`` slots, or that grow lazily (``DynamicCache()``), are left alone.
+        Nothing is installed when no attention layer is skipped.
+        """
+        slots = self.renumber_kv_cache(model)
+        kept = [i for i, s in enumerate(slots) if s is not None]
+        base = self.base(model)
+        base._squeeze_kv_kept = (tuple(kept), len(slots))
+        if len(kept) < len(slots) and not any(h is _compact_cache_hook for h in base._forward_pre_hooks.values()):
+            base.register_forward_pre_hook(_compact_cache_hook, with_kwargs=True)
+        return slots
+
     # ---------------- config facts ----------------
 
     @staticmethod
@@ -324,6 +364,28 @@ class Family:
     @staticmethod
     def num_heads(config) -> int:
         return int(config.num_attention_heads)
+
+
+def _compact_cache_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of :meth:`Family.compact_kv_cache` on a decoder's base model."""
+    kept, total = getattr(module, "_squeeze_kv_kept", ((), 0))
+    if len(kept) == total:
+        return None
+    from transformers.cache_utils import Cache, DynamicCache
+
+    key = "past_key_values" if "past_key_values" in kwargs else "cache"
+    cache = kwargs.get(key)
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(module.config, "use_cache", False))
+        if not use_cache or module.training:
+            return None
+        cache = DynamicCache(config=module.config)  # what the model would build itself
+        kwargs[key] = cache
+    if isinstance(cache, Cache) and len(cache.layers) == total:
+        cache.layers = [cache.layers[i] for i in kept]
+    return args, kwargs
 
 
 def _skip_pre_norm(fam: Family, layer: nn.Module, which: Sublayer, keep_norm: bool) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassReport, run_pass
+from squeeze.compress.passes.drop import PrunePass
 from squeeze.compress.passes.logit_merge import LogitMerge
 
 REGISTRY: dict[str, type[Pass]] = {
+    "prune": PrunePass,
     "merge": LogitMerge,
 }
 

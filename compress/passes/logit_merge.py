@@ -57,13 +57,14 @@ _SAMPLE_TEXTS = 8
 class MergedOutput(ModelOutput):
     """What a merged model returns: the weighted mean of the experts' outputs.
 
-    ``past_key_values`` is a tuple with one cache per expert (None without a cache).
+    ``cache`` is a tuple with one KV cache per expert (None without a cache); transformers 5
+    calls it ``cache`` (``past_key_values`` is its deprecated alias).
     """
 
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     pooler_output: torch.Tensor | None = None
-    past_key_values: tuple | None = None
+    cache: tuple | None = None
 
 
 class MergedModel(nn.Module):
@@ -115,17 +116,18 @@ class MergedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def forward(self, *args, past_key_values=None, return_dict: bool = True, **kwargs) -> MergedOutput:
+    def forward(self, *args, cache=None, past_key_values=None, return_dict: bool = True, **kwargs) -> MergedOutput:
         """Run every expert on the same inputs; return the weighted mean of their outputs.
 
-        Takes what an expert takes. ``past_key_values``, when given, is one cache per expert
-        (as returned in :class:`MergedOutput`).
+        Takes what an expert takes. ``cache`` (or its old name ``past_key_values``), when given,
+        is one cache per expert, as returned in :class:`MergedOutput`.
         """
+        cache = cache if cache is not None else past_key_values
         outs = []
         for i, expert in enumerate(self.experts):
             kw = dict(kwargs)
-            if past_key_values is not None:
-                kw["past_key_values"] = past_key_values[i]
+            if cache is not None:
+                kw["cache"] = cache[i]
             outs.append(expert(*args, return_dict=True, **kw))
         result: dict[str, Any] = {}
         names = ["logits"] if self.output == "logits" else ["last_hidden_state", "pooler_output"]
@@ -137,9 +139,9 @@ class MergedModel(nn.Module):
             for w, v in zip(self.merge_weights[1:], values[1:]):
                 acc = acc + w * v
             result[name] = acc
-        caches = tuple(getattr(o, "past_key_values", None) for o in outs)
+        caches = tuple(o.get("cache") for o in outs)
         if any(c is not None for c in caches):
-            result["past_key_values"] = caches
+            result["cache"] = caches
         return MergedOutput(**result)
 
     @torch.no_grad()
@@ -187,8 +189,8 @@ class MergedModel(nn.Module):
                 out = self(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
             else:
                 out = self(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
-                           past_key_values=caches, use_cache=True)
-            caches = out.past_key_values if use_cache else None
+                           cache=caches, use_cache=True)
+            caches = out.cache if use_cache else None
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)

@@ -1,0 +1,69 @@
+"""``squeeze merge A B [C ...] -o OUT [--weights 0.5,0.5]``: logit-averaging merge."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+
+from squeeze.cli.common import ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, print_json
+from squeeze.cli.common import progress, report_table
+from squeeze.compress.errors import SqueezeError
+
+
+def parse_weights(text: str | None, n: int) -> list[float] | None:
+    """``"0.5,0.5"`` -> ``[0.5, 0.5]``, checked: one per model, finite, non-negative, sum > 0."""
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SqueezeError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != n:
+        raise SqueezeError(f"--weights has {len(weights)} values for {n} models (give one weight per model)")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise SqueezeError(f"--weights must be finite and non-negative, got {text!r}")
+    if sum(weights) <= 0:
+        raise SqueezeError("--weights must not all be zero")
+    return weights
+
+
+def merge(
+    models: list[str] = typer.Argument(..., help="Two or more model folders (the first is the base), same family and tokenizer."),
+    output: Path = OutOpt,
+    weights: str = typer.Option(None, "--weights", help="One weight per model, comma-separated (default: equal); normalised to sum 1."),
+    data: str = typer.Option("builtin", "--data", help="Evaluation data for the fidelity report: builtin, synthetic, .txt, .jsonl, .npz."),
+    seq_len: int = SeqLenOpt,
+    force: bool = ForceOpt,
+    trust_pickle: bool = TrustPickleOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Merge models by averaging their logits (Growing Transformers): no router, no new weights."""
+    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.passes import PassContext, get_pass, run_pass
+
+    if len(models) < 2:
+        raise SqueezeError(f"merge needs at least two models, got {len(models)}")
+    parsed = parse_weights(weights, len(models))
+    if output.exists() and not force:  # fail before loading anything
+        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
+    ckpts = [load(m, trust_pickle=trust_pickle) for m in models]
+    pass_cls = get_pass("merge")
+    pass_ = pass_cls(pass_cls.Config(with_=list(models[1:]), weights=parsed))
+    with progress() as bar:
+        ctx = PassContext(family=ckpts[0].family, calibration=data_spec(data, 128, seq_len), progress=bar)
+        merged = run_pass(pass_, ckpts, ctx)
+    save(merged, output, force=force)
+    report = merged.manifest.ledger[-1]
+    if as_json:
+        print_json(report)
+        return
+    console.print(report_table(report))
+    m = report["metrics"]
+    console.print(f"merged {m['experts']} experts, weights {', '.join(f'{w:.4g}' for w in m['weights'])}, "
+                  f"averaging {m['averaged']} -> {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge)

@@ -1,0 +1,163 @@
+"""``squeeze run RECIPE``, ``squeeze recipe check RECIPE`` and ``squeeze report OUT``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from squeeze.cli.common import JsonOpt, console, err_console, print_json
+
+recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
+
+
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: out/<recipe name>)."),
+    job: Optional[list[str]] = typer.Option(None, "--job", help="Run only this job (repeatable; a matrix job's name runs all its points)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore finished steps and run everything again."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show which steps would run; run nothing."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, max=100_000,
+                                          help="Cap calibration and evaluation samples of every job (quick runs)."),
+) -> None:
+    """Run a recipe's jobs; finished steps are reused; print the ledger and write the report."""
+    from squeeze.compress import pipeline, report
+    from squeeze.compress.recipe import load_recipe
+
+    rec = load_recipe(recipe).select(job)
+    if samples is not None:
+        rec = rec.with_samples(samples)
+    out = output if output is not None else Path("out") / recipe.stem
+    if dry_run:
+        _print_plan(pipeline.plan(rec, out), out)
+        return
+    with _RichReporter() as rep:
+        results = pipeline.run(rec, out, fresh=fresh, reporter=rep)
+    data = report.build(results, out, str(recipe), [j.name for j in load_recipe(recipe, check_refs=False).jobs])
+    paths = report.write(data, out)
+    console.print(ledger(data))
+    console.print(f"report: {paths['md']}  {paths['json']}  {paths['png']}")
+    failed = [r for r in results if r.status != "ok"]
+    for r in failed:
+        err_console.print(f"[red]failed:[/red] job {r.job}, step {r.failed_step}: {r.error}", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def check(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Validate a recipe (schema, cross-step rules, model references) and print the resolved plan."""
+    from squeeze.compress.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    if as_json:
+        print_json(rec.dump())
+        return
+    console.print(rec.to_yaml(), end="", markup=False)
+    steps = sum(len(j.steps) for j in rec.jobs)
+    console.print(f"[green]ok[/green]: {recipe}: {len(rec.jobs)} job(s), {steps} step(s)")
+
+
+def show_report(
+    out: Path = typer.Argument(..., help="The output folder of a `squeeze run`."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Print the ledger of a finished run again."""
+    from squeeze.compress import report
+
+    data = report.read(out)
+    if as_json:
+        print_json(data)
+        return
+    console.print(ledger(data))
+    for j in data["jobs"]:
+        if j["status"] != "ok":
+            err_console.print(f"[red]failed:[/red] job {j['job']}, step {j.get('failed_step')}: {j.get('error')}", soft_wrap=True)
+
+
+def ledger(data: dict[str, Any]) -> Table:
+    """The ledger as a Rich table (the same cells as report.md)."""
+    from squeeze.compress.report import ledger_table
+
+    cols, cells = ledger_table(data)
+    t = Table(title="ledger (fidelity vs each job's original model)", title_justify="left")
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("job", "step", "") else "left", overflow="fold")
+    for row in cells:
+        style = "red" if row[1].endswith("FAILED") else None
+        t.add_row(*row, style=style)
+    return t
+
+
+def _print_plan(plans: list, out: Path) -> None:
+    t = Table(title=f"plan (output: {out})", title_justify="left")
+    for c in ("job", "step", "key", "folder", "status"):
+        t.add_column(c)
+    for jp in plans:
+        for s in jp.steps:
+            t.add_row(jp.job.name, f"{s.index} {s.name}", s.key[:12], str(s.folder), "cached" if s.done else "[yellow]run[/yellow]")
+    console.print(t)
+
+
+class _RichReporter:
+    """Progress bars for jobs, steps and a pass's inner loops; silent when stdout is not a terminal."""
+
+    def __init__(self) -> None:
+        self.live = console.is_terminal
+        self.bars = None
+
+    def __enter__(self) -> "_RichReporter":
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+            self.bars.__enter__()
+            self.jobs = self.bars.add_task("jobs", total=1)
+            self.steps = self.bars.add_task("steps", total=1)
+            self.inner = self.bars.add_task("", total=1, visible=False)
+            self.inner_label = ""
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bars is not None:
+            self.bars.__exit__(*exc)
+
+    def job_start(self, index: int, total: int, job) -> None:
+        if self.bars is not None:
+            self.bars.update(self.jobs, description=f"job {job.name}", completed=index, total=total)
+            self.bars.update(self.steps, completed=0, total=len(job.steps))
+
+    def step_start(self, job, index: int, total: int, name: str, cached: bool) -> None:
+        if self.bars is not None:
+            self.bars.update(self.steps, description=f"step {name}", completed=index - 1, total=total)
+            self.bars.update(self.inner, visible=False)
+
+    def step_done(self, job, row: dict[str, Any]) -> None:
+        if self.bars is not None:
+            self.bars.update(self.steps, completed=row["step"])
+            fid = (row.get("fidelity") or {}).get("cos_mean")
+            note = "cached" if row.get("cached") else f"{row.get('seconds', 0):.1f} s"
+            console.print(f"  {job.name} {row['step']:>2} {row['pass']:<10} "
+                          f"{'' if fid is None else f'cos {fid:.4f}  '}{note}")
+
+    def job_done(self, result) -> None:
+        if self.bars is not None:
+            self.bars.advance(self.jobs)
+            if result.status != "ok":
+                console.print(f"  [red]{result.job} failed at step {result.failed_step}[/red]: {result.error}")
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        if self.bars is not None:
+            self.bars.update(self.inner, description=f"  {label}", completed=done, total=total, visible=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    recipe_app.command("check")(check)
+    app.add_typer(recipe_app, name="recipe")
+    app.command("report")(show_report)

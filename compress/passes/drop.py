@@ -1,0 +1,480 @@
+"""``prune``: drop attention sublayers, MLP sublayers or whole blocks (LLM-Drop).
+
+"What Matters in Transformers? Not All Attention is Needed" (He, Sun, Shen, Li; arXiv
+2406.15786), as its code does it (``layer_drop.py``, ``block_drop.py``):
+
+* **Score.** ``S = mean over real tokens of cos(X, Y)`` in fp32, from the *unpruned* model, on
+  calibration data (packed text for decoders). Attention: ``X = h`` (the residual stream
+  entering the layer), ``Y = h'`` (after the attention residual add). MLP: ``X = h'``,
+  ``Y = h_out``. Block: ``X = h``, ``Y = h_out``. For post-LN BERT, ``h'`` and ``h_out`` are the
+  LayerNorm'd outputs of the two sublayer blocks. The highest ``S`` (the sublayer that changes
+  the stream least) is dropped first.
+* **Layer by layer.** A forward with every layer swapped for a catcher records the inputs of
+  layer 0 and every layer's other arguments (masks, rotary tables); then each layer runs over
+  all calibration batches and its outputs feed the next, so memory holds one layer's
+  activations for the calibration set, never the whole network's.
+* **Modes.** ``drop_attn``, ``drop_mlp``, ``drop_blocks`` (``consecutive``: the n adjacent blocks
+  i..i+n-1 with the highest ``cos(h_i, h_{i+n})``, ShortGPT style; the LLM-Drop code ranks by
+  ``h_{i+n+1}``, an off-by-one we do not copy), ``drop_joint`` (attention and MLP scores ranked
+  in one list of 2L, no per-type normalisation), and ``iterative`` (re-score the partly pruned
+  model after each single drop; dropped sublayers score -inf). ``attn_layers`` /
+  ``mlp_layers`` / ``block_layers`` drop explicit indices with no scoring. A float amount is a
+  share of the layers, rounded half up (``0.5`` of 6 is 3); an int is a count.
+* **What a drop is.** Pre-norm families (ViT, Llama, GPT-2) lose the sublayer *and its norm*:
+  ``h_out = h_in`` exactly. Post-LN BERT computes ``LN(h + f(h))``; a dropped sublayer either
+  passes ``h`` through or keeps its LayerNorm (``LN(h)``). ``keep_norm`` defaults to
+  :data:`POST_LN_KEEP_NORM`, chosen by measured fidelity on all-MiniLM-L6-v2
+  (``benchmarks/bench_prune.py``; cosine of the mean-pooled embedding on the held-apart
+  built-in text, 64 samples)::
+
+      dropped attention   keep_norm=True (mean / worst)   keep_norm=False (mean / worst)
+      1                   0.9879 / 0.9650                 0.9704 / 0.9228
+      2                   0.9590 / 0.9114                 0.8935 / 0.7996
+      3                   0.9248 / 0.8471                 0.6999 / 0.5178
+      MLP 1               0.9389 / 0.8780                 0.9363 / 0.8663
+
+  Keeping the norm wins at every count: the next layer was trained on the output of *this*
+  layer's LayerNorm (its gain and bias), not on the previous layer's.
+* **Whole blocks** are removed with ``family.remove_layers``: the result is plain Hugging Face
+  (``config.json`` has the new ``num_hidden_layers``) and loads with transformers alone.
+* **Decoders.** Kept attention layers get dense KV-cache slots, and every cache the model uses
+  holds exactly those slots (``family.compact_kv_cache``), so ``generate(use_cache=True)``
+  gives the tokens of ``use_cache=False``. Dropping every attention layer of a decoder is
+  refused (nothing would mix tokens, and the cache would have no slot to count positions).
+
+Manifest edit ``result``: ``num_layers``, ``attention`` / ``mlp`` / ``blocks`` (index lists in
+the original numbering; ``restructure`` also accepts length-L boolean masks, as LLM-Drop's
+config does), ``keep_norm`` (BERT), ``scores`` (``attn``, ``mlp``, ``block`` per layer, from the
+unpruned model) and, when iterative, ``rounds``.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator, model_validator
+from torch import nn
+
+from squeeze.compress.calibration import Batch, model_inputs
+from squeeze.compress.errors import SqueezeError
+from squeeze.compress.families import Family
+from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, ProgressFn
+
+log = logging.getLogger(__name__)
+
+#: BERT (post-LN): a dropped sublayer keeps its LayerNorm. Measured on all-MiniLM-L6-v2 (see the
+#: module docstring): 1 attention dropped, mean cosine 0.9879 with the norm vs 0.9704 without.
+POST_LN_KEEP_NORM = True
+
+AMOUNTS = ("drop_attn", "drop_mlp", "drop_blocks", "drop_joint")
+LISTS = ("attn_layers", "mlp_layers", "block_layers")
+
+
+class PruneConfig(PassConfig):
+    """What to drop. Exactly one of the four amounts, or explicit layer lists.
+
+    Amounts: a float in [0, 1] is a share of the layers (rounded half up), an int >= 0 a count.
+    """
+
+    drop_attn: int | float | None = None
+    drop_mlp: int | float | None = None
+    drop_blocks: int | float | None = None
+    drop_joint: int | float | None = None
+    attn_layers: list[int] | None = None
+    mlp_layers: list[int] | None = None
+    block_layers: list[int] | None = None
+    iterative: bool = False
+    consecutive: bool = False
+    keep_norm: bool | None = None
+
+    @field_validator(*AMOUNTS, mode="before")
+    @classmethod
+    def _amount(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a share in [0, 1] (0.5) or a count (2), got {v!r}")
+        if v < 0:
+            raise ValueError(f"must not be negative, got {v}")
+        if isinstance(v, float) and v > 1:
+            raise ValueError(f"a share must be at most 1.0, got {v} (pass an int for a count)")
+        return v
+
+    @field_validator(*LISTS)
+    @classmethod
+    def _indices(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if any(i < 0 for i in v):
+            raise ValueError(f"layer indices must be >= 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layer indices repeat: {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "PruneConfig":
+        amounts = [k for k in AMOUNTS if getattr(self, k) is not None]
+        lists = [k for k in LISTS if getattr(self, k) is not None]
+        if len(amounts) + bool(lists) != 1:
+            raise ValueError("give exactly one of drop_attn, drop_mlp, drop_blocks, drop_joint, or explicit "
+                             f"layer lists (got {', '.join(amounts + lists) or 'none'})")
+        if "block_layers" in lists and len(lists) > 1:
+            raise ValueError("block_layers cannot be combined with attn_layers / mlp_layers")
+        if self.iterative and (lists or self.consecutive):
+            raise ValueError("iterative re-scores between drops: it needs an amount and no consecutive")
+        if self.consecutive and self.drop_blocks is None:
+            raise ValueError("consecutive applies to drop_blocks only")
+        return self
+
+    @property
+    def mode(self) -> str:
+        for key, mode in zip(AMOUNTS, ("attn", "mlp", "block", "joint")):
+            if getattr(self, key) is not None:
+                return mode
+        return "explicit"
+
+
+@dataclass
+class Plan:
+    """What to drop (original layer indices) and the scores that decided it."""
+
+    num_layers: int
+    attention: list[int] = field(default_factory=list)
+    mlp: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    keep_norm: bool | None = None
+    scores: dict[str, list[float]] | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_layers": self.num_layers, "attention": self.attention, "mlp": self.mlp,
+                               "blocks": self.blocks, "keep_norm": self.keep_norm}
+        if self.scores is not None:
+            out["scores"] = {k: [round(float(x), 6) for x in v] for k, v in self.scores.items()}
+        if self.rounds:
+            out["rounds"] = self.rounds
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: layer by layer, S in fp32, token mean over real tokens
+# --------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for one layer: records its call and passes the hidden states on unchanged."""
+
+    def __init__(self, calls: list, last: bool):
+        super().__init__()
+        self.calls, self.last = calls, last
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return args[0]
+
+
+def _capture(model: nn.Module, family: Family, batches: list[Batch]) -> list[list[tuple[tuple, dict]]]:
+    """``calls[i][b] = (args, kwargs)`` of layer i on batch b; ``calls[0][b][0][0]`` is the
+    stream entering layer 0. Layers i > 0 reuse their own masks (sliding-window models have
+    one per layer type) with the stream computed layer by layer."""
+    layers = family.layers(model)
+    original = list(layers)
+    calls: list[list] = [[] for _ in original]
+    try:
+        for i in range(len(layers)):
+            layers[i] = _Catcher(calls[i], last=i == len(original) - 1)
+        for batch in batches:
+            kwargs = dict(model_inputs(batch))
+            if family.causal:
+                kwargs["use_cache"] = False
+            try:
+                model(**kwargs)
+            except _Stop:
+                pass
+    finally:
+        for i, layer in enumerate(original):
+            layers[i] = layer
+    return calls
+
+
+def _cos_sum(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """Sum and count of per-token cosines (fp32) over real tokens. x, y: (B, T, C)."""
+    c = F.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, T)
+    if mask is not None and mask.shape == c.shape:
+        c = c[mask.bool()]
+    return float(c.double().sum()), c.numel()
+
+
+@torch.no_grad()
+def layer_scores(model: nn.Module, family: Family, batches: list[Batch], *, span: int = 0,
+                 progress: ProgressFn | None = None) -> dict[str, list[float]]:
+    """Per-layer similarity scores of ``model`` on ``batches``.
+
+    Returns ``attn``, ``mlp`` and ``block`` (length L); with ``span = n > 0`` also ``span``:
+    ``cos(h_i, h_{i+n})`` for i in 0..L-n. Skipped sublayers score ``-inf``.
+    """
+    model.eval()
+    layers = family.layers(model)
+    n_layers = len(layers)
+    calls = _capture(model, family, batches)
+    hs = [c[0][0] for c in calls[0]]  # (B, T, C) per batch: the stream entering layer 0
+    masks = [b.get("attention_mask") for b in batches]
+    out: dict[str, list[float]] = {"attn": [], "mlp": [], "block": []}
+    if span:
+        out["span"] = []
+        history: collections.deque = collections.deque(maxlen=span)
+    for i, layer in enumerate(layers):
+        if span:
+            history.append(list(hs))
+        sums = {"attn": [0.0, 0], "mlp": [0.0, 0], "block": [0.0, 0], "span": [0.0, 0]}
+        mid: list[torch.Tensor] = []
+        handle = family.residual_tap(layer).register_forward_pre_hook(lambda m, a: mid.append(a[0]))
+        try:
+            for b, h in enumerate(hs):
+                args, kwargs = calls[i][b]
+                mid.clear()
+                y = layer(h, *args[1:], **kwargs)
+                y = y[0] if isinstance(y, tuple) else y
+                for key, (x, z) in (("attn", (h, mid[0])), ("mlp", (mid[0], y)), ("block", (h, y))):
+                    s, n = _cos_sum(x, z, masks[b])
+                    sums[key][0] += s
+                    sums[key][1] += n
+                if span and len(history) == span:
+                    s, n = _cos_sum(history[0][b], y, masks[b])
+                    sums["span"][0] += s
+                    sums["span"][1] += n
+                hs[b] = y
+        finally:
+            handle.remove()
+        for key in ("attn", "mlp", "block"):
+            out[key].append(sums[key][0] / max(sums[key][1], 1))
+        if span and len(history) == span:
+            out["span"].append(sums["span"][0] / max(sums["span"][1], 1))
+        for key, role in (("attn", "attn"), ("mlp", "mlp")):
+            if family.is_skipped(layer, role):
+                out[key][-1] = -math.inf
+        if progress is not None:
+            progress("scoring layers", i + 1, n_layers)
+    return out
+
+
+def top_k(scores: list[float], k: int, exclude: set[int] = frozenset()) -> list[int]:
+    """Indices of the k highest scores (ties: lower index first), skipping ``exclude``."""
+    order = sorted((i for i in range(len(scores)) if i not in exclude and scores[i] != -math.inf),
+                   key=lambda i: (-scores[i], i))
+    return sorted(order[:k])
+
+
+def rank_joint(s_attn: list[float], s_mlp: list[float], k: int) -> tuple[list[int], list[int]]:
+    """LLM-Drop's joint ranking: one list of 2L scores; an index >= L is MLP layer index - L."""
+    n = len(s_attn)
+    picked = top_k(list(s_attn) + list(s_mlp), k)
+    return [i for i in picked if i < n], [i - n for i in picked if i >= n]
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest forms: index lists or boolean masks
+# --------------------------------------------------------------------------------------------
+
+
+def to_mask(indices: list[int], n: int) -> list[bool]:
+    return [i in set(indices) for i in range(n)]
+
+
+def to_indices(value: list[int] | list[bool] | None, n: int, what: str) -> list[int]:
+    """Accept an index list or a length-n boolean mask; return sorted indices (validated)."""
+    value = list(value or [])
+    if value and all(isinstance(v, bool) for v in value):
+        if len(value) != n:
+            raise SqueezeError(f"{what}: a boolean mask needs {n} entries (one per layer), got {len(value)}")
+        return [i for i, v in enumerate(value) if v]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise SqueezeError(f"{what}: expected layer indices or a boolean mask, got {value}")
+    bad = [i for i in value if not 0 <= i < n]
+    if bad:
+        raise SqueezeError(f"{what}: layer index {bad[0]} out of range (the model has {n} layers: 0..{n - 1})")
+    return sorted(set(value))
+
+
+def count_of(amount: int | float, total: int, what: str) -> int:
+    """Turn a share (float) or count (int) into a count; refuse more than ``total``."""
+    n = math.floor(amount * total + 0.5) if isinstance(amount, float) else int(amount)
+    if n > total:
+        raise SqueezeError(f"cannot drop {n} {what}: the model has only {total}")
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+class PrunePass(Pass):
+    """Attention / MLP / block / joint dropping by residual-stream similarity (LLM-Drop)."""
+
+    name: ClassVar[str] = "prune"
+    Config: ClassVar[type[PassConfig]] = PruneConfig
+    needs_calibration: ClassVar[bool] = True
+    config: PruneConfig
+
+    # ---------------- checks ----------------
+
+    def keep_norm(self, family: Family) -> bool | None:
+        """The keep_norm this run uses: None for pre-norm families."""
+        if family.norm_placement != "post":
+            return None
+        return POST_LN_KEEP_NORM if self.config.keep_norm is None else self.config.keep_norm
+
+    def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
+        cfg = self.config
+        if cfg.keep_norm is not None and family.norm_placement != "post":
+            kind = "decoder" if family.causal else "encoder"
+            raise SqueezeError(
+                f"keep_norm is an option of post-LN encoders (bert) only; {family.name} is a pre-norm {kind}, "
+                "where a dropped sublayer always takes its norm with it")
+        if not models:
+            return
+        n = family.num_layers(models[0])
+        if cfg.mode == "block" or cfg.block_layers is not None:
+            if family.name == "gpt2" and getattr(models[0].config, "scale_attn_by_inverse_layer_idx", False):
+                raise SqueezeError("gpt2 with scale_attn_by_inverse_layer_idx scales attention by layer index: "
+                                   "removing blocks would change the kept layers; drop attention or MLP sublayers instead")
+        self._counts(family, n)
+
+    def _counts(self, family: Family, n: int) -> dict[str, Any]:
+        """Validated counts (scored modes) or index lists (explicit), before any work."""
+        cfg = self.config
+        if cfg.mode == "explicit":
+            att = to_indices(cfg.attn_layers, n, "attn_layers")
+            mlp = to_indices(cfg.mlp_layers, n, "mlp_layers")
+            blocks = to_indices(cfg.block_layers, n, "block_layers")
+            self._refuse_empty(family, n, len(att), len(blocks))
+            return {"attention": att, "mlp": mlp, "blocks": blocks}
+        what = {"attn": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks", "joint": "sublayers"}[cfg.mode]
+        total = 2 * n if cfg.mode == "joint" else n
+        k = count_of(getattr(cfg, AMOUNTS[("attn", "mlp", "block", "joint").index(cfg.mode)]), total, what)
+        self._refuse_empty(family, n, k if cfg.mode == "attn" else 0, k if cfg.mode == "block" else 0)
+        return {"k": k}
+
+    @staticmethod
+    def _refuse_empty(family: Family, n: int, n_attn: int, n_blocks: int) -> None:
+        if n_blocks >= n:
+            raise SqueezeError(f"cannot drop all {n} blocks: at least one must remain")
+        if family.causal and n_attn >= n:
+            raise SqueezeError(f"cannot drop all {n} attention layers of a decoder: nothing would mix tokens, "
+                               "and the KV cache would have no slot")
+
+    # ---------------- planning ----------------
+
+    def plan(self, model: nn.Module, ctx: PassContext, *, inplace: bool = False) -> Plan:
+        """Score and decide (no structural change unless iterative and ``inplace``)."""
+        family, cfg = ctx.family, self.config
+        n = family.num_layers(model)
+        counts = self._counts(family, n)
+        keep_norm = self.keep_norm(family)
+        if cfg.mode == "explicit":
+            return Plan(num_layers=n, keep_norm=keep_norm, **counts)
+        k = counts["k"]
+        batches = ctx.calib_batches()
+        span = k if cfg.consecutive and k > 0 else 0
+        scores = layer_scores(model, family, batches, span=span, progress=ctx.step)
+        plan = Plan(num_layers=n, keep_norm=keep_norm, scores=scores)
+        if k == 0:
+            return plan
+        if cfg.iterative:
+            work = model if inplace else copy.deepcopy(model)
+            self._iterate(work, ctx, plan, k, scores)
+        elif cfg.mode == "attn":
+            plan.attention = top_k(scores["attn"], k)
+        elif cfg.mode == "mlp":
+            plan.mlp = top_k(scores["mlp"], k)
+        elif cfg.mode == "block" and cfg.consecutive:
+            start = top_k(scores["span"], 1)[0]  # the window i..i+k-1 whose ends are most alike
+            plan.blocks = list(range(start, start + k))
+        elif cfg.mode == "block":
+            plan.blocks = top_k(scores["block"], k)
+        else:
+            plan.attention, plan.mlp = rank_joint(scores["attn"], scores["mlp"], k)
+        self._refuse_empty(family, n, len(plan.attention), 0)  # a joint drop may take every attention
+        return plan
+
+    def _iterate(self, work: nn.Module, ctx: PassContext, plan: Plan, k: int, scores: dict) -> None:
+        """Drop one sublayer (or block) at a time, re-scoring the partly pruned model."""
+        family, mode = ctx.family, self.config.mode
+        layers = family.layers(work)
+        for r in range(k):
+            if r > 0:
+                scores = layer_scores(work, family, ctx.calib_batches(), progress=ctx.step)
+            if mode == "joint":
+                att, mlp = rank_joint(scores["attn"], scores["mlp"], 1)
+                kind, idx = ("attn", att[0]) if att else ("mlp", mlp[0])
+            elif mode == "block":
+                kind, idx = "block", top_k(scores["block"], 1, exclude=set(plan.blocks))[0]
+            else:
+                kind, idx = mode, top_k(scores[mode], 1)[0]
+            score = scores["block" if kind == "block" else kind][idx]
+            plan.rounds.append({"kind": kind, "layer": idx, "S": round(float(score), 6)})
+            log.info("round %d: drop %s %d (S=%.6f)", r + 1, kind, idx, score)
+            if kind == "block":
+                plan.blocks.append(idx)
+                for which in ("attn", "mlp"):  # an identity block while re-scoring; removed at the end
+                    if not family.is_skipped(layers[idx], which):
+                        family.skip_sublayer(layers[idx], which, False)
+            else:
+                (plan.attention if kind == "attn" else plan.mlp).append(idx)
+                family.skip_sublayer(layers[idx], kind, bool(plan.keep_norm))
+        plan.attention.sort()
+        plan.mlp.sort()
+        plan.blocks.sort()
+
+    # ---------------- applying and replaying ----------------
+
+    @staticmethod
+    def apply_plan(model: nn.Module, plan: Plan, family: Family) -> nn.Module:
+        """Make the structural change a plan describes (skips sublayers already skipped)."""
+        layers = family.layers(model)
+        for which, idx in (("attn", plan.attention), ("mlp", plan.mlp)):
+            for i in idx:
+                if not family.is_skipped(layers[i], which):
+                    family.skip_sublayer(layers[i], which, bool(plan.keep_norm))
+        if plan.blocks:
+            family.remove_layers(model, plan.blocks)
+        if family.causal:
+            family.compact_kv_cache(model)
+        return model
+
+    def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
+        model = copy.deepcopy(models[0]).eval()  # the input checkpoint stays untouched
+        plan = self.plan(model, ctx, inplace=True)
+        self.apply_plan(model, plan, ctx.family)
+        ctx.result.update(plan.result())
+        ctx.metrics.update({"dropped": {"attention": plan.attention, "mlp": plan.mlp, "blocks": plan.blocks},
+                            "scores": ctx.result.get("scores"), "keep_norm": plan.keep_norm})
+        if plan.rounds:
+            ctx.metrics["rounds"] = plan.rounds
+        if plan.scores is not None and not (plan.attention or plan.mlp or plan.blocks):
+            ctx.warn("nothing dropped: the amount rounds to 0 layers")
+        return model
+
+    def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
+        res = edit.result
+        n = family.num_layers(model)
+        if res.get("num_layers", n) != n:
+            raise SqueezeError(f"prune edit was made on {res['num_layers']} layers, the model has {n}")
+        plan = Plan(num_layers=n, attention=to_indices(res.get("attention"), n, "attention"),
+                    mlp=to_indices(res.get("mlp"), n, "mlp"), blocks=to_indices(res.get("blocks"), n, "blocks"),
+                    keep_norm=res.get("keep_norm"))
+        return self.apply_plan(model, plan, family)

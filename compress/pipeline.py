@@ -1,0 +1,444 @@
+"""Run a recipe: jobs in order, each step cached in its own folder, a ledger row per step.
+
+Output folder layout (``OUT``)::
+
+    OUT/<job>/01-prune/          a squeeze checkpoint (checkpoint.save, atomic) + step.json
+    OUT/<job>/02-quantize/
+    OUT/<job>/03-export/         model.onnx, model.onnx.report.json + step.json
+    OUT/<job>/original.json      size and parameter count of the job's input model
+    OUT/report.json, report.md, report.png
+
+**Cache.** A step's key is a content hash of its input, its pass and config, the calibration /
+evaluation data (``DataSpec.fingerprint()``), the job's seed and the squeeze version. The input of
+step 1 is hashed from the model's files (config, weights, manifest; the ``with`` models of a
+multi-model pass likewise); the input of step k is step k-1's output, which is a function of
+step k-1's key, so the keys chain. ``step.json`` is written last, once the folder is complete:
+it is the "finished" mark. A rerun skips every step whose folder holds a ``step.json`` with the
+same key; a run killed in the middle therefore resumes after the last finished step, and a
+changed config re-runs that step and the ones after it (their inputs changed), never the ones
+before. A step whose key was already computed by another job in ``OUT`` is copied, not re-run.
+``fresh=True`` ignores the cache.
+
+**Same result after a resume.** Every step reads its input from the previous step's folder,
+also in an uninterrupted run, and seeds torch with the job's seed first; so a resumed run and an
+uninterrupted one feed each step identical bytes. ``model.safetensors`` and ``config.json`` come
+out byte-identical; the manifest differs only in the measured ``seconds`` and ``peak_mem_mb``.
+
+**Ledger.** One row per step: parameters, bytes on disk (weights, or the ONNX file), fidelity
+against the job's *original* model on the evaluation data (``fidelity``; ``fidelity_step`` is
+against the step's input, as ``run_pass`` measures it), ONNX Runtime latency for an export step,
+the step's wall time, the peak memory of the pass. A failing job is recorded with its error and
+the next job runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from squeeze.compress.calibration import Batch, DataSpec, batches
+from squeeze.compress.checkpoint import Checkpoint, atomic_dir, atomic_file, load, resolve, save, squeeze_version, weight_files
+from squeeze.compress.errors import SqueezeError, ValidationFailed
+from squeeze.compress.evaluate import PeakMemory, Reference, compare_outputs, reference_outputs
+from squeeze.compress.passes import PassConfig, PassContext, get_pass, run_pass
+from squeeze.compress.passes.base import ProgressFn, count_params
+from squeeze.compress.recipe import EXPORT, JobBase, Recipe, model_refs
+
+log = logging.getLogger(__name__)
+
+STEP_FILE = "step.json"
+ORIGINAL_FILE = "original.json"
+ONNX_NAME = "model.onnx"
+#: manifest / ledger fields that measure one execution and so differ between two runs
+VOLATILE = ("seconds", "peak_mem_mb")
+_STEP_DIR = re.compile(r"^\d\d-[A-Za-z0-9_]+$")
+
+
+class Reporter:
+    """What the pipeline tells the outside world; the CLI draws it with Rich. Does nothing here."""
+
+    def job_start(self, index: int, total: int, job: JobBase) -> None: ...
+
+    def step_start(self, job: JobBase, index: int, total: int, name: str, cached: bool) -> None: ...
+
+    def step_done(self, job: JobBase, row: dict[str, Any]) -> None: ...
+
+    def job_done(self, result: "JobResult") -> None: ...
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        """Inner loops of a pass (PassContext.progress)."""
+
+
+@dataclass
+class StepPlan:
+    index: int  # 1-based
+    name: str
+    config: PassConfig
+    key: str
+    folder: Path
+    done: bool  # a finished folder with this key exists
+
+
+@dataclass
+class JobPlan:
+    job: JobBase
+    folder: Path
+    original_key: str
+    steps: list[StepPlan]
+
+
+@dataclass
+class JobResult:
+    job: str
+    model: str
+    point: dict[str, Any]
+    status: str  # "ok" | "failed"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    failed_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "model": self.model, "point": self.point, "status": self.status,
+                "error": self.error, "failed_step": self.failed_step, "rows": self.rows}
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and plans
+# --------------------------------------------------------------------------------------------
+
+
+_HASHES: dict[tuple[str, float], str] = {}
+
+
+def content_hash(ref: str) -> str:
+    """sha256 of a model's defining files (config, weights, manifest), cached by path and mtime."""
+    folder = resolve(ref)
+    files = [folder / "config.json"]
+    if (folder / "squeeze.json").exists():
+        files.append(folder / "squeeze.json")
+    files += weight_files(folder)[0]
+    stamp = (str(folder.resolve()), max(f.stat().st_mtime for f in files if f.exists()))
+    if stamp not in _HASHES:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        _HASHES[stamp] = h.hexdigest()
+    return _HASHES[stamp]
+
+
+def data_spec(job: JobBase) -> DataSpec:
+    return job.calibration or DataSpec()
+
+
+def step_key(input_key: str, name: str, config: PassConfig, job: JobBase) -> str:
+    """The content hash that names a step's result."""
+    cfg = config.model_dump(mode="json", by_alias=True)
+    refs = model_refs(config)
+    if refs:  # the other models count by content, not by where they lie
+        cfg.pop("with", None)
+        cfg.pop("with_", None)
+    payload = {"input": input_key, "pass": name, "config": cfg, "with": [content_hash(r) for r in refs],
+               "data": data_spec(job).fingerprint(), "seed": job.seed, "squeeze": squeeze_version()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def read_step(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / STEP_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def plan(recipe: Recipe, out: str | Path, *, fresh: bool = False) -> list[JobPlan]:
+    """Each job's steps with their keys and folders, and which are already finished."""
+    out = Path(out)
+    plans = []
+    for job in recipe.jobs:
+        folder = out / job.name
+        original = content_hash(job.model)
+        key, steps = original, []
+        for i, step in enumerate(job.steps, 1):
+            key = step_key(key, step.pass_name, step.config, job)
+            sf = folder / f"{i:02d}-{step.pass_name}"
+            row = read_step(sf)
+            steps.append(StepPlan(i, step.pass_name, step.config, key, sf,
+                                  done=not fresh and row is not None and row.get("key") == key))
+        plans.append(JobPlan(job, folder, original, steps))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run(recipe: Recipe, out: str | Path, *, fresh: bool = False, reporter: Reporter | None = None) -> list[JobResult]:
+    """Run every job of a recipe into ``out``; a failing job is recorded and the others still run."""
+    out = Path(out)
+    rep = reporter or Reporter()
+    plans = plan(recipe, out, fresh=fresh)
+    known = {} if fresh else _finished_steps(out)
+    results = []
+    for n, jp in enumerate(plans):
+        rep.job_start(n, len(plans), jp.job)
+        result = _run_job(jp, out, known, rep)
+        results.append(result)
+        rep.job_done(result)
+    return results
+
+
+def _finished_steps(out: Path) -> dict[str, Path]:
+    """key -> folder of every finished step already in ``out`` (to copy instead of re-running)."""
+    found: dict[str, Path] = {}
+    for f in sorted(out.glob(f"*/*/{STEP_FILE}")):
+        row = read_step(f.parent)
+        if row and "key" in row:
+            found.setdefault(row["key"], f.parent)
+    return found
+
+
+class _Job:
+    """What a job computes at most once, and only when a step has to run."""
+
+    def __init__(self, jp: JobPlan, rep: Reporter):
+        self.jp, self.job, self.rep = jp, jp.job, rep
+        self.spec = data_spec(jp.job)
+        self._ref: Reference | None = None
+        self.original: Checkpoint | None = None
+
+    def load_original(self) -> Checkpoint:
+        if self.original is None:
+            self.original = load(self.job.model, trust_pickle=self.job.trust_pickle)
+        return self.original
+
+    @property
+    def reference(self) -> Reference:
+        """The original model's outputs on the evaluation data (computed once per job)."""
+        if self._ref is None:
+            orig = self.load_original()
+            evals = batches(orig, self.spec.for_eval(), split="eval", warn=log.info)
+            self._ref = reference_outputs(orig.model, orig.family, evals)
+        return self._ref
+
+    def fidelity(self, model: torch.nn.Module) -> dict[str, float]:
+        ref = self.reference
+        return compare_outputs(ref, reference_outputs(model, ref.family, ref.batches))
+
+    def original_row(self) -> dict[str, Any]:
+        path = self.jp.folder / ORIGINAL_FILE
+        try:
+            row = json.loads(path.read_text())
+            if row.get("key") == self.jp.original_key:
+                return row
+        except (OSError, json.JSONDecodeError):
+            pass
+        orig = self.load_original()
+        row = {"job": self.job.name, "step": 0, "pass": "original", "key": self.jp.original_key,
+               "folder": self.job.model, "params": count_params(orig.model),
+               "bytes": sum(f.stat().st_size for f in weight_files(resolve(self.job.model))[0]),
+               "fidelity": {}, "latency_ms": None, "seconds": 0.0, "peak_mem_mb": None, "warnings": []}
+        self.jp.folder.mkdir(parents=True, exist_ok=True)
+        _write_json(path, row)
+        return row
+
+
+def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> JobResult:
+    job = jp.job
+    res = JobResult(job=job.name, model=job.model, point=dict(job.point), status="ok")
+    state = _Job(jp, rep)
+    current: Checkpoint | None = None  # the last step's output, loaded from its folder
+    step: StepPlan | None = None
+    try:
+        res.rows.append(state.original_row())
+        for step in jp.steps:
+            reuse = None if step.done else known.get(step.key)
+            rep.step_start(job, step.index, len(jp.steps), step.name, step.done or reuse is not None)
+            if step.done or reuse is not None:
+                if reuse is not None:
+                    _copy_step(reuse, step.folder)
+                row = read_step(step.folder) or {}
+                row.update(job=job.name, folder=_rel(step.folder, out), cached=True)
+                current = None
+            else:
+                state.reference  # before any pass runs: a pass may change its input in place
+                if current is None:
+                    prev = jp.steps[step.index - 2].folder if step.index > 1 else None
+                    current = load(prev) if prev is not None else state.load_original()
+                start = time.perf_counter()
+                if step.name == EXPORT:
+                    body = _export_step(current, step, state)
+                    current = None
+                else:
+                    body, current = _pass_step(current, step, state)
+                row = {"job": job.name, "step": step.index, "pass": step.name, **body, "key": step.key,
+                       "folder": _rel(step.folder, out), "seconds": round(time.perf_counter() - start, 3),
+                       "cached": False}
+                _write_json(step.folder / STEP_FILE, row)
+                known[step.key] = step.folder
+            res.rows.append(row)
+            rep.step_done(job, row)
+        _remove_stale(jp)
+    except Exception as exc:  # one failing job must not stop the others
+        res.status = "failed"
+        res.failed_step = step.index if step is not None else 0
+        res.error = str(exc) if isinstance(exc, SqueezeError) else f"{type(exc).__name__}: {exc}"
+        log.debug("job %s failed", job.name, exc_info=True)
+    return res
+
+
+def _pass_step(inp: Checkpoint, step: StepPlan, state: _Job) -> tuple[dict[str, Any], Checkpoint]:
+    job = state.job
+    pass_cls = get_pass(step.name)
+    extra = [load(r, trust_pickle=job.trust_pickle) for r in model_refs(step.config)]
+    ctx = PassContext(family=inp.family, calibration=state.spec, seed=job.seed, progress=state.rep.progress)
+    torch.manual_seed(job.seed)
+    new = run_pass(pass_cls(step.config), [inp, *extra], ctx)
+    ledger = dict(new.manifest.ledger[-1])
+    save(new, step.folder, force=True)
+    del new, extra
+    result = load(step.folder)  # what the next step reads, also in an uninterrupted run
+    row = {
+        "config": step.config.model_dump(mode="json", by_alias=True),
+        "params": count_params(result.model),
+        "bytes": sum(f.stat().st_size for f in weight_files(step.folder)[0]),
+        "fidelity": state.fidelity(result.model),
+        "fidelity_step": ledger.get("fidelity", {}),
+        "latency_ms": None,
+        "pass_seconds": ledger.get("seconds"),
+        "peak_mem_mb": ledger.get("peak_mem_mb"),
+        "warnings": ledger.get("warnings", []),
+        "metrics": ledger.get("metrics", {}),
+    }
+    return row, result
+
+
+def _export_step(inp: Checkpoint, step: StepPlan, state: _Job) -> dict[str, Any]:
+    from squeeze.compress.evaluate import ort_latency_ms, ort_session
+    from squeeze.compress.export import export_onnx
+
+    cfg = step.config.model_dump()
+    latency = cfg.pop("latency", True)
+    lat_batch, lat_seq = cfg.pop("latency_batch", 1), cfg.pop("latency_seq_len", 128)
+    rejected = step.folder.with_name(step.folder.name + ".rejected")
+    with PeakMemory() as mem:
+        with atomic_dir(step.folder, force=True) as tmp:
+            try:
+                report = export_onnx(inp, tmp / ONNX_NAME, data=state.spec, latency=False, force=True, **cfg)
+            except ValidationFailed as exc:  # keep the evidence, not under the step's name
+                shutil.rmtree(rejected, ignore_errors=True)
+                shutil.copytree(tmp, rejected)
+                raise ValidationFailed(str(exc).replace(str(tmp), str(rejected))) from None
+        shutil.rmtree(rejected, ignore_errors=True)
+        path = step.folder / ONNX_NAME
+        session = ort_session(path)
+        fidelity = _onnx_fidelity(session, state, report["outputs"][0])
+        lat = ort_latency_ms(session, _latency_feeds(session, inp, lat_batch, lat_seq)) if latency else None
+    return {
+        "config": step.config.model_dump(mode="json", by_alias=True),
+        "params": count_params(inp.model),
+        "bytes": sum(f.stat().st_size for f in step.folder.iterdir() if f.suffix in (".onnx", ".data")),
+        "fidelity": fidelity,
+        "fidelity_step": {"validation_max_abs": max(c["max_abs"] for c in report["validation"])},
+        "latency_ms": round(lat, 3) if lat is not None else None,
+        "latency_shape": [lat_batch, lat_seq] if latency else None,
+        "pass_seconds": report.get("export_seconds"),
+        "peak_mem_mb": round(mem.peak_mb, 1),
+        "warnings": [],
+        "metrics": {"custom_ops": report.get("custom_ops", [])},
+    }
+
+
+def _onnx_fidelity(session, state: _Job, output: str) -> dict[str, float]:
+    """The exported graph, run by ONNX Runtime, against the job's original model."""
+    ref = state.reference
+    names = [i.name for i in session.get_inputs()]
+    outs = []
+    for b in ref.batches:
+        feeds = {n: _feed(b, n) for n in names}
+        outs.append({next(iter(ref.outputs[0])): torch.from_numpy(session.run([output], feeds)[0]).float()})
+    return compare_outputs(ref, Reference(family=ref.family, outputs=outs, batches=ref.batches))
+
+
+def _feed(batch: Batch, name: str) -> np.ndarray:
+    t = batch.get(name)
+    if t is None:  # e.g. token_type_ids that a tokenizer does not emit
+        t = torch.zeros_like(batch["input_ids"])
+    return t.numpy()
+
+
+def _latency_feeds(session, ckpt: Checkpoint, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Fixed-shape inputs for the latency measurement (values do not change the work done)."""
+    cfg = ckpt.model.config
+    g = np.random.default_rng(0)
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name == "pixel_values":
+            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+            feeds[inp.name] = g.standard_normal((batch, int(cfg.num_channels), size, size)).astype(np.float32)
+            continue
+        seq = min(seq_len, int(getattr(cfg, "max_position_embeddings", seq_len) or seq_len))
+        if inp.name == "input_ids":
+            feeds[inp.name] = g.integers(0, int(cfg.vocab_size), (batch, seq)).astype(np.int64)
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        else:
+            feeds[inp.name] = np.zeros((batch, seq), dtype=np.int64)
+    return feeds
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_step(src: Path, dst: Path) -> None:
+    """Another job computed this key: copy its folder (step.json last, so a crash leaves it unfinished)."""
+    with atomic_dir(dst, force=True) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STEP_FILE))
+    shutil.copy2(src / STEP_FILE, dst / STEP_FILE)
+
+
+def _remove_stale(jp: JobPlan) -> None:
+    """Drop step folders a changed recipe no longer makes (another index, another pass)."""
+    keep = {s.folder.name for s in jp.steps}
+    if not jp.folder.is_dir():
+        return
+    for d in jp.folder.iterdir():
+        if d.is_dir() and (_STEP_DIR.match(d.name) or d.name.endswith(".rejected")) and d.name not in keep:
+            if d.name.endswith(".rejected") and d.name[: -len(".rejected")] in keep:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _rel(path: Path, out: Path) -> str:
+    try:
+        return str(path.relative_to(out))
+    except ValueError:
+        return str(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def strip_volatile(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest without the measurements that differ between two runs (for comparisons)."""
+    m = json.loads(json.dumps(manifest))
+    for row in m.get("ledger", []):
+        for k in VOLATILE:
+            row.pop(k, None)
+    return m

@@ -1,0 +1,92 @@
+"""YAML loading that remembers where each value was written, so errors can name the line.
+
+PyYAML composes a node tree with start marks; we build plain Python data from it ourselves
+(safe scalars only, via the SafeLoader's constructors) and keep ``path -> line`` on the side.
+A mapping entry's line is its key's line; a list item's line is the item's first line.
+Duplicate keys are errors (PyYAML would silently keep the last one, hiding a typo).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+from squeeze.compress.errors import SqueezeError
+
+Path_ = tuple  # a location: ("jobs", 1, "steps", 0, "prune", "drop_attn")
+
+
+class Positions:
+    """Line numbers (1-based) of the values in a YAML document, by location."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Path_, int] = {}
+
+    def line(self, loc: Path_) -> int | None:
+        """The line of ``loc``, or of its deepest written ancestor."""
+        for n in range(len(loc), -1, -1):
+            if tuple(loc[:n]) in self.lines:
+                return self.lines[tuple(loc[:n])]
+        return None
+
+
+def fmt_path(loc: Path_) -> str:
+    """``("jobs", 1, "steps", 0, "prune", "x")`` -> ``jobs[1].steps[0].prune.x``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def compose(text: str, filename: str = "<recipe>") -> tuple[Any, Positions]:
+    """Parse YAML text into plain data plus the line of every value."""
+    loader = yaml.SafeLoader(text)
+    pos = Positions()
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = f":{mark.line + 1}" if mark else ""
+            raise SqueezeError(f"{filename}{line}: invalid YAML: {exc.problem or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SqueezeError(f"{filename}: invalid YAML: {exc}") from None
+        if root is None:
+            raise SqueezeError(f"{filename}: the recipe is empty")
+        pos.lines[()] = root.start_mark.line + 1
+        return _build(loader, root, (), pos, filename, 0), pos
+    finally:
+        loader.dispose()
+
+
+def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename: str, depth: int) -> Any:
+    if depth > 64:
+        raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: nesting too deep (recursive alias?)")
+    if isinstance(node, MappingNode):
+        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            try:
+                key = loader.construct_object(key_node, deep=True)
+            except yaml.YAMLError as exc:
+                raise SqueezeError(f"{filename}:{key_node.start_mark.line + 1}: invalid key ({exc})") from None
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise SqueezeError(f"{filename}:{key_node.start_mark.line + 1}: a key must be a plain value")
+            if key in out:
+                raise SqueezeError(f"{filename}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
+            pos.lines[(*path, key)] = key_node.start_mark.line + 1
+            out[key] = _build(loader, value_node, (*path, key), pos, filename, depth + 1)
+        return out
+    if isinstance(node, SequenceNode):
+        items = []
+        for i, item in enumerate(node.value):
+            pos.lines[(*path, i)] = item.start_mark.line + 1
+            items.append(_build(loader, item, (*path, i), pos, filename, depth + 1))
+        return items
+    assert isinstance(node, ScalarNode)
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: invalid value ({exc})") from None

@@ -1,0 +1,159 @@
+"""The run report: ``report.json``, ``report.md`` and ``report.png`` in a run's output folder.
+
+The terminal table (cli/cmd_run.py) and ``report.md`` are drawn from the same formatted cells
+(:func:`ledger_table`), so the files hold exactly the numbers the terminal printed.
+A rerun with ``--job`` replaces the entries of the jobs it ran and keeps the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from squeeze.compress.checkpoint import atomic_file, squeeze_version
+from squeeze.compress.errors import SqueezeError
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+
+
+def build(results: list, out: Path, recipe_path: str | None, order: list[str]) -> dict[str, Any]:
+    """The report of this run merged with the previous one (jobs of the recipe only, in its order)."""
+    jobs = {r.job: r.to_dict() for r in results}
+    try:
+        previous = read(out)
+    except SqueezeError:
+        previous = {}
+    for entry in previous.get("jobs", []):
+        if entry["job"] in order and entry["job"] not in jobs:
+            jobs[entry["job"]] = entry
+    return {"format": 1, "squeeze_version": squeeze_version(), "recipe": recipe_path,
+            "jobs": [jobs[name] for name in order if name in jobs]}
+
+
+def write(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write the JSON, the markdown table and the plot; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": out / REPORT_PNG}
+    with atomic_file(paths["json"], force=True) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with atomic_file(paths["md"], force=True) as tmp:
+        tmp.write_text(markdown(report))
+    with atomic_file(paths["png"], force=True) as tmp:
+        plot(report, tmp)
+    return paths
+
+
+def read(out: str | Path) -> dict[str, Any]:
+    path = Path(out) / REPORT_JSON
+    if not path.exists():
+        raise SqueezeError(f"{out}: no {REPORT_JSON} here (run `squeeze run RECIPE -o {out}` first)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SqueezeError(f"{path}: not a readable report ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("jobs"), list):
+        raise SqueezeError(f"{path}: not a squeeze report")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _f(x: Any, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Column names and formatted cells: one row per step of every job."""
+    rows_in = [r for j in report["jobs"] for r in j["rows"]]
+    extra = [k for k in ("top1", "kl", "ppl") if any(k in (r.get("fidelity") or {}) for r in rows_in)]
+    cols = ["job", "step", "params", "size", "cos mean", "cos worst", *extra, "latency ms", "seconds", "peak MB", ""]
+    cells = []
+    for j in report["jobs"]:
+        for r in j["rows"]:
+            fid = r.get("fidelity") or {}
+            ref = r["step"] == 0
+            cells.append([
+                j["job"],
+                f"{r['step']} {r['pass']}",
+                f"{r['params']:,}",
+                _fmt_bytes(r.get("bytes")),
+                "1 (ref)" if ref else _f(fid.get("cos_mean"), ".4f"),
+                "1 (ref)" if ref else _f(fid.get("cos_worst"), ".4f"),
+                *[("-" if ref else _f(fid.get(k), ".4g")) for k in extra],
+                _f(r.get("latency_ms"), ".2f"),
+                _f(r.get("seconds"), ".1f"),
+                _f(r.get("peak_mem_mb"), ".0f"),
+                "cached" if r.get("cached") else "",
+            ])
+        if j["status"] != "ok":
+            cells.append([j["job"], f"{j.get('failed_step')} FAILED", *[""] * (len(cols) - 3), j.get("error") or ""])
+    return cols, cells
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cols, cells = ledger_table(report)
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = [f"# squeeze run: {report.get('recipe') or ''}".rstrip(), "",
+             "Fidelity is against each job's original model on the held-apart evaluation data; "
+             "latency is ONNX Runtime on CPU for the steps that exported.", "",
+             "| " + " | ".join(c or "note" for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
+    failed = [j for j in report["jobs"] if j["status"] != "ok"]
+    if failed:
+        lines += ["", "## Failed jobs", ""] + [f"- {j['job']} (step {j.get('failed_step')}): {esc(j.get('error'))}" for j in failed]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The plot
+# --------------------------------------------------------------------------------------------
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Fidelity (mean cosine vs the original) against latency and against size: a line per job,
+    a marker per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = "osD^v<>pP*Xh"
+    for n, job in enumerate(report["jobs"]):
+        color = f"C{n % 10}"
+        pts = [(r, 1.0 if r["step"] == 0 else (r.get("fidelity") or {}).get("cos_mean")) for r in job["rows"]]
+        pts = [(r, c) for r, c in pts if c is not None]
+        size = [(r["bytes"] / 2**20, c, r) for r, c in pts if r.get("bytes")]
+        lat = [(r["latency_ms"], c, r) for r, c in pts if r.get("latency_ms")]
+        for ax, series in ((ax_size, size), (ax_lat, lat)):
+            if not series:
+                continue
+            ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-", color=color, alpha=0.6, label=job["job"])
+            for x, y, r in series:
+                ax.plot(x, y, markers[r["step"] % len(markers)], color=color)
+                ax.annotate(r["pass"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax_lat.set(xlabel="ONNX Runtime latency (ms)", ylabel="cosine vs original (mean)", title="fidelity vs latency")
+    ax_size.set(xlabel="size on disk (MB)", ylabel="cosine vs original (mean)", title="fidelity vs size")
+    if not any(r.get("latency_ms") for j in report["jobs"] for r in j["rows"]):
+        ax_lat.text(0.5, 0.5, "no step exported", ha="center", va="center", transform=ax_lat.transAxes)
+    for ax in (ax_lat, ax_size):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
