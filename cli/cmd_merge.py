@@ -42,6 +42,7 @@ def merge(
     """Merge models by averaging their logits (Growing Transformers): no router, no new weights."""
     from squeeze.compress.checkpoint import load, save
     from squeeze.compress.passes import PassContext, get_pass, run_pass
+    from squeeze.compress.passes.merge_compat import check_compatible
 
     if len(models) < 2:
         raise SqueezeError(f"merge needs at least two models, got {len(models)}")
@@ -49,6 +50,7 @@ def merge(
     if output.exists() and not force:  # fail before loading anything
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     ckpts = [load(m, trust_pickle=trust_pickle) for m in models]
+    check_compatible(ckpts)  # refuse a mismatch before spending time on the fidelity report
     pass_cls = get_pass("merge")
     pass_ = pass_cls(pass_cls.Config(with_=list(models[1:]), weights=parsed))
     with progress() as bar:

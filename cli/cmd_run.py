@@ -37,7 +37,7 @@ def run(
         results = pipeline.run(rec, out, fresh=fresh, reporter=rep)
     data = report.build(results, out, str(recipe), [j.name for j in load_recipe(recipe, check_refs=False).jobs])
     paths = report.write(data, out)
-    console.print(ledger(data))
+    print_ledger(data)
     console.print(f"report: {paths['md']}  {paths['json']}  {paths['png']}")
     failed = [r for r in results if r.status != "ok"]
     for r in failed:
@@ -57,7 +57,7 @@ def check(
     if as_json:
         print_json(rec.dump())
         return
-    console.print(rec.to_yaml(), end="", markup=False)
+    console.print(rec.to_yaml(), end="", markup=False, soft_wrap=True)
     steps = sum(len(j.steps) for j in rec.jobs)
     console.print(f"[green]ok[/green]: {recipe}: {len(rec.jobs)} job(s), {steps} step(s)")
 
@@ -73,10 +73,20 @@ def show_report(
     if as_json:
         print_json(data)
         return
-    console.print(ledger(data))
+    print_ledger(data)
     for j in data["jobs"]:
         if j["status"] != "ok":
             err_console.print(f"[red]failed:[/red] job {j['job']}, step {j.get('failed_step')}: {j.get('error')}", soft_wrap=True)
+
+
+def print_ledger(data: dict[str, Any]) -> None:
+    # a file or a pipe gets the whole table at its natural width rather than wrapped cells
+    if console.is_terminal:
+        console.print(ledger(data))
+    else:
+        from rich.console import Console
+
+        Console(highlight=False, width=200).print(ledger(data))
 
 
 def ledger(data: dict[str, Any]) -> Table:
@@ -84,7 +94,8 @@ def ledger(data: dict[str, Any]) -> Table:
     from squeeze.compress.report import ledger_table
 
     cols, cells = ledger_table(data)
-    t = Table(title="ledger (fidelity vs each job's original model)", title_justify="left")
+    t = Table(title="ledger: cos = cosine vs the job's original model (mean, worst); ORT ms = ONNX Runtime latency",
+              title_justify="left")
     for c in cols:
         t.add_column(c, justify="right" if c not in ("job", "step", "") else "left", overflow="fold")
     for row in cells:

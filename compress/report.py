@@ -79,8 +79,8 @@ def _f(x: Any, spec: str) -> str:
 def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Column names and formatted cells: one row per step of every job."""
     rows_in = [r for j in report["jobs"] for r in j["rows"]]
-    extra = [k for k in ("top1", "kl", "ppl") if any(k in (r.get("fidelity") or {}) for r in rows_in)]
-    cols = ["job", "step", "params", "size", "cos mean", "cos worst", *extra, "latency ms", "seconds", "peak MB", ""]
+    extra = [k for k in ("top1", "ppl") if any(k in (r.get("fidelity") or {}) for r in rows_in)]
+    cols = ["job", "step", "params", "size", "cos", "cos min", *extra, "ORT ms", "seconds", "peak MB", ""]
     cells = []
     for j in report["jobs"]:
         for r in j["rows"]:
@@ -108,8 +108,10 @@ def markdown(report: dict[str, Any]) -> str:
     cols, cells = ledger_table(report)
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [f"# squeeze run: {report.get('recipe') or ''}".rstrip(), "",
-             "Fidelity is against each job's original model on the held-apart evaluation data; "
-             "latency is ONNX Runtime on CPU for the steps that exported.", "",
+             "cos / cos min: mean and worst cosine similarity against each job's original model on the "
+             "held-apart evaluation data (top1: agreement of the argmax; ppl: perplexity, where the model "
+             "has logits). ORT ms: ONNX Runtime CPU latency, for the steps that exported. "
+             "Full numbers: report.json.", "",
              "| " + " | ".join(c or "note" for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
     failed = [j for j in report["jobs"] if j["status"] != "ok"]
@@ -145,7 +147,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-", color=color, alpha=0.6, label=job["job"])
             for x, y, r in series:
                 ax.plot(x, y, markers[r["step"] % len(markers)], color=color)
-                ax.annotate(r["pass"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(f"{r['step']} {r['pass']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax_lat.set(xlabel="ONNX Runtime latency (ms)", ylabel="cosine vs original (mean)", title="fidelity vs latency")
     ax_size.set(xlabel="size on disk (MB)", ylabel="cosine vs original (mean)", title="fidelity vs size")
     if not any(r.get("latency_ms") for j in report["jobs"] for r in j["rows"]):

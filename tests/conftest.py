@@ -25,3 +25,11 @@ def tiny_dirs(tmp_path_factory):
 def tiny(request, tiny_dirs):
     """(family name, folder) for each family in turn."""
     return request.param, tiny_dirs[request.param]
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one core: torch's own thread pool would oversubscribe.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

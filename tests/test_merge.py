@@ -122,10 +122,10 @@ def test_cli_merge_save_reload_exact_inspect(experts, tiny_dirs, tmp_path, capsy
 def test_nested_merge_reloads(experts, tiny_dirs, tmp_path):
     """A merged folder as an expert: its own edits are replayed inside the outer merge."""
     ab = tmp_path / "ab"
-    assert main(["merge", str(experts["gpt2"][0]), str(experts["gpt2"][1]), "-o", str(ab)]) == 0
+    assert main(["merge", str(experts["gpt2"][0]), str(experts["gpt2"][1]), "-o", str(ab), "--seq-len", "16"]) == 0
     c = _expert("gpt2", tiny_dirs, tmp_path / "c", seed=2)
     out = tmp_path / "abc"
-    assert main(["merge", str(c), str(ab), "-o", str(out), "--weights", "1,2"]) == 0
+    assert main(["merge", str(c), str(ab), "-o", str(out), "--weights", "1,2", "--seq-len", "16"]) == 0
     ca, cab = load(c), load(ab)
     batch = _batch(ca)
     want = (1 / 3) * _out(ca.model, ca.family, batch)[1] + (2 / 3) * _out(cab.model, ca.family, batch)[1]

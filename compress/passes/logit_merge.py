@@ -6,11 +6,12 @@ There is no router and no parameter beyond the experts'. For models without a he
 embedding model) the merge averages what the family exposes instead, ``last_hidden_state``
 (and ``pooler_output`` when every expert has one), and the ledger says so.
 
-Compatibility is checked before anything is written: same family, same kind of output (logits
-or hidden states), same output shape (vocabulary size, number and names of labels, hidden size,
-image and patch size), and, where the checkpoints are known (``ctx.inputs``), the same tokenizer
-(vocabulary map, special tokens, and the ids of sample text) or the same image processor config.
-Experts may differ in depth or width: only their outputs must line up.
+Compatibility is checked before anything is written (``merge_compat``): same family, same kind
+of output (logits or hidden states), same output shape (vocabulary size, number and names of
+labels, hidden size, image and patch size), and, where the checkpoints are known (``run_pass``
+sets ``ctx.inputs``), the same tokenizer (vocabulary map, special tokens, and the ids of sample
+text) or the same image processor config. Experts may differ in depth or width: only their
+outputs must line up.
 
 Saved form: the merged folder's ``model.safetensors`` holds every expert (keys ``experts.<i>.``);
 the base in the manifest is the first expert, and the edit's result holds, for every other expert,
@@ -37,15 +38,13 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import Family, build_from_config, family_for, image_size
+from squeeze.compress.families import Family, build_from_config, family_for
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
+from squeeze.compress.passes.merge_compat import check_compatible, check_models, embeddings_identical
 
 log = logging.getLogger(__name__)
 
 HEADLESS_NOTE = "the experts have no head: the merge averages their hidden states (last_hidden_state), not logits"
-# Probe tokens for the output-shape check and sample text for the tokenizer check.
-_PROBE_LEN = 4
-_SAMPLE_TEXTS = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,174 +206,6 @@ def normalize(weights: list[float]) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Compatibility
-# --------------------------------------------------------------------------------------------
-
-
-def _name(i: int, names: list[str] | None) -> str:
-    return names[i] if names else f"model {i + 1}"
-
-
-def _probe_inputs(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    if family.modality == "vision":
-        size = image_size(cfg)
-        return {"pixel_values": torch.zeros(1, int(cfg.num_channels), size, size)}
-    ids = torch.arange(1, _PROBE_LEN + 1).remainder(int(cfg.vocab_size))[None]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if "token_type_ids" in family.model_inputs:
-        batch["token_type_ids"] = torch.zeros_like(ids)
-    return batch
-
-
-@torch.no_grad()
-def output_signature(model: nn.Module, family: Family) -> tuple[str, tuple[int, ...]]:
-    """(what the merge would average, its shape on a one-sample probe)."""
-    kwargs: dict[str, Any] = _probe_inputs(model, family)
-    if family.causal:
-        kwargs["use_cache"] = False
-    out = model(**kwargs, return_dict=True)
-    logits = getattr(out, "logits", None)
-    if logits is not None:
-        return "logits", tuple(logits.shape)
-    return "last_hidden_state", tuple(out.last_hidden_state.shape)
-
-
-def _config_facts(model: nn.Module, family: Family, kind: str) -> dict[str, Any]:
-    """The config values that fix the output's shape and meaning, by name."""
-    cfg = model.config
-    facts: dict[str, Any] = {}
-    if family.modality == "vision":
-        facts["image_size"] = image_size(cfg)
-        facts["num_channels"] = int(cfg.num_channels)
-        if kind == "last_hidden_state":
-            facts["patch_size"] = getattr(cfg, "patch_size", None)
-    else:
-        facts["vocab_size"] = int(cfg.vocab_size)
-    if kind == "last_hidden_state":
-        facts["hidden_size"] = family.hidden_size(cfg)
-    elif family.modality == "vision" or not family.causal:
-        # a classifier's logits are only comparable when the labels mean the same thing
-        labels = getattr(cfg, "id2label", None) or {}
-        facts["num_labels"] = len(labels)
-        facts["id2label"] = {int(k): v for k, v in labels.items()}
-    return facts
-
-
-def check_models(models: list[nn.Module], names: list[str] | None = None) -> tuple[Family, str]:
-    """Refuse experts whose family, kind of output or output shape differ.
-
-    Returns the family and what the merge averages (``logits`` or ``last_hidden_state``).
-    Raises SqueezeError naming the first difference.
-    """
-    if len(models) < 2:
-        raise SqueezeError(f"merge needs at least two models, got {len(models)}")
-    fams = [family_for(getattr(m.config, "model_type", None)) for m in models]
-    for i, fam in enumerate(fams[1:], 1):
-        if fam.name != fams[0].name:
-            raise SqueezeError(
-                f"cannot merge: {_name(0, names)} is a {fams[0].name} model, {_name(i, names)} is a {fam.name} model"
-            )
-    family = fams[0]
-    sigs = [output_signature(m, family) for m in models]
-    kind = sigs[0][0]
-    for i, (k, _) in enumerate(sigs[1:], 1):
-        if k != kind:
-            def what(x: str) -> str:
-                return "logits (it has a head)" if x == "logits" else "hidden states (no head)"
-
-            raise SqueezeError(
-                f"cannot merge: {_name(0, names)} outputs {what(kind)} but {_name(i, names)} outputs {what(k)}"
-            )
-    facts = [_config_facts(m, family, kind) for m in models]
-    for i in range(1, len(models)):
-        for key, ref in facts[0].items():
-            if facts[i].get(key) == ref:
-                continue
-            if key == "id2label":
-                raise SqueezeError(
-                    f"cannot merge: the label names (id2label) of {_name(0, names)} and {_name(i, names)} differ"
-                )
-            raise SqueezeError(
-                f"cannot merge: {key} differs: {_name(0, names)} has {ref}, {_name(i, names)} has {facts[i].get(key)}"
-            )
-        if sigs[i][1][1:] != sigs[0][1][1:]:
-            raise SqueezeError(
-                f"cannot merge: output shape differs: {_name(0, names)} gives {kind} of shape {sigs[0][1]}, "
-                f"{_name(i, names)} gives {sigs[i][1]}"
-            )
-    return family, kind
-
-
-def _tokenizer_facts(tok) -> dict[str, Any]:
-    from squeeze.compress.calibration import builtin_corpus
-
-    special = {k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items())
-               if isinstance(v, str)}
-    sample = builtin_corpus()[:_SAMPLE_TEXTS]
-    return {
-        "vocabulary (token -> id map)": tok.get_vocab(),
-        "special tokens": special,
-        "token ids of sample text": [tok(t, add_special_tokens=True)["input_ids"] for t in sample],
-    }
-
-
-def _processor_config(ckpt) -> dict[str, Any] | None:
-    import json
-
-    if ckpt.source is None or not (ckpt.source / "preprocessor_config.json").exists():
-        return None
-    try:
-        data = json.loads((ckpt.source / "preprocessor_config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise SqueezeError(f"{ckpt.source / 'preprocessor_config.json'}: not valid JSON ({exc})") from None
-    data.pop("processor_class", None)  # which class reads it says nothing about the pixels
-    return data
-
-
-def check_side_files(ckpts: list, names: list[str], warn=log.warning) -> None:
-    """Refuse checkpoints whose tokenizers (text) or image processors (vision) differ."""
-    family = ckpts[0].family
-    if family.modality == "vision":
-        procs = [_processor_config(c) for c in ckpts]
-        for i in range(1, len(ckpts)):
-            if procs[i] is None or procs[0] is None:
-                continue
-            diff = sorted(k for k in set(procs[0]) | set(procs[i]) if procs[0].get(k) != procs[i].get(k))
-            if diff:
-                raise SqueezeError(
-                    f"cannot merge: the image processors of {names[0]} and {names[i]} differ in: {', '.join(diff)}"
-                )
-        if any(p is None for p in procs):
-            warn("an expert has no preprocessor_config.json: image preprocessing was not compared")
-        return
-    toks = [c.tokenizer() for c in ckpts]
-    if all(t is None for t in toks):
-        warn("no expert has a tokenizer: only the vocabulary sizes were compared")
-        return
-    for i, t in enumerate(toks):
-        if t is None:
-            raise SqueezeError(f"cannot merge: {names[i]} has no tokenizer to compare with {names[0 if i else 1]}'s")
-    ref = _tokenizer_facts(toks[0])
-    for i in range(1, len(toks)):
-        facts = _tokenizer_facts(toks[i])
-        for key, value in ref.items():
-            if facts[key] != value:
-                raise SqueezeError(f"cannot merge: the tokenizers of {names[0]} and {names[i]} differ: {key}{_diff_hint(value, facts[key])}")
-
-
-def _diff_hint(a: Any, b: Any) -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=str)
-        if keys:
-            k = keys[0]
-            return f" (e.g. {k!r}: {a.get(k)!r} vs {b.get(k)!r}; {len(keys)} entries differ)"
-    if isinstance(a, list) and isinstance(b, list):
-        return f" (first sample: {a[0][:8]}... vs {b[0][:8]}...)" if a and b and a[0] != b[0] else ""
-    return ""
-
-
-# --------------------------------------------------------------------------------------------
 # Rebuilding experts from the manifest
 # --------------------------------------------------------------------------------------------
 
@@ -487,11 +318,10 @@ class LogitMerge(Pass):
         weights = self._weights(len(models))
         inputs = list(getattr(ctx, "inputs", None) or [])
         ckpts = inputs if len(inputs) == len(models) and all(c.model is m for c, m in zip(inputs, models)) else None
-        names = [str(c.source or c.manifest.base.source or f"model {i + 1}") for i, c in enumerate(ckpts)] if ckpts else None
-        family, kind = check_models(models, names)
         if ckpts:
-            check_side_files(ckpts, names, warn=ctx.warn)
+            family, kind = check_compatible(ckpts, warn=ctx.warn)
         else:
+            family, kind = check_models(models)
             ctx.warn("merge got models without their checkpoints: tokenizers were not compared")
         ctx.step("merge", 0, 1)
 
@@ -508,7 +338,7 @@ class LogitMerge(Pass):
             "weights": merged.merge_weights,
             "averaged": kind,
             "params_per_expert": [sum(p.numel() for p in m.parameters()) for m in models],
-            "embeddings_identical": _embeddings_identical(models, family),
+            "embeddings_identical": embeddings_identical(models, family),
         })
         if kind != "logits":
             ctx.metrics["note"] = HEADLESS_NOTE
@@ -521,13 +351,3 @@ class LogitMerge(Pass):
         experts = [model, *(build_expert(r) for r in res["experts"])]
         return MergedModel(experts, res["weights"], output=res.get("output", "logits")).eval()
 
-
-def _embeddings_identical(models: list[nn.Module], family: Family) -> bool:
-    """Whether all experts share one input embedding (the paper's shared frozen substrate)."""
-    ref = [m.state_dict() for m in family.embedding_modules(models[0])]
-    for other in models[1:]:
-        mods = family.embedding_modules(other)
-        for a, b in zip(ref, (m.state_dict() for m in mods)):
-            if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k]) for k in a):
-                return False
-    return True

@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make demo   set everything up, then run the main job on the real all-MiniLM-L6-v2
+#   make test   set everything up, then run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# pytest workers; each worker runs torch single-threaded (tests/conftest.py)
+WORKERS ?= 2
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel on this disk: a looser requirement pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev,demo]"
+	touch $@
+
+demo: setup
+	$(BIN)/squeeze run recipes/minilm-edge.yaml -o out/demo --force
+
+test: setup
+	$(BIN)/python -m pytest -n $(WORKERS) tests
+
+bench: setup
+	cd benchmarks && for b in bench_*.py; do ../$(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf out build *.egg-info
