@@ -48,8 +48,9 @@ def export(
     for c in report["validation"]:
         t.add_row(c["shape"], fmt_num(c["max_abs"]), fmt_num(c["max_rel"]), f"{c['cosine']:.6f}", "yes" if c["ok"] else "NO")
     console.print(t)
-    console.print(f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms "
-                  f"(batch {batch}, seq {seq_len}), custom ops: {', '.join(report['custom_ops']) or 'none'}")
+    shape = f"batch {batch}" + (f", seq {seq_len}" if report["family"] != "vit" else "")
+    console.print(f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms ({shape}), "
+                  f"custom ops: {', '.join(report['custom_ops']) or 'none'}")
     if "fidelity_vs_reference" in report:
         fid = report["fidelity_vs_reference"]
         console.print("fidelity vs reference: " + "  ".join(f"{k}={fmt_num(v)}" for k, v in fid.items()))

@@ -43,7 +43,7 @@ def run(
     for r in failed:
         err_console.print(f"[red]failed:[/red] job {r.job}, step {r.failed_step}: {r.error}", soft_wrap=True)
     if failed:
-        raise typer.Exit(1)
+        raise pipeline.JobsFailed(f"{len(failed)} of {len(results)} job(s) failed: {', '.join(r.job for r in failed)}")
 
 
 def check(

@@ -416,7 +416,9 @@ def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Pa
         else:
             (tmp / "config.json").write_text(json.dumps(ckpt.manifest.base.config, indent=2))
         state_model = ckpt.model
-        save_model(state_model, str(tmp / WEIGHTS), metadata={"format": "pt", "squeeze": squeeze_version()})
+        # One metadata key only: safetensors writes its metadata map in a random order, so two keys
+        # would make identical saves differ byte for byte (the version is in the manifest).
+        save_model(state_model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(ckpt.manifest.model_dump(mode="json"), indent=2) + "\n")
     return out
 

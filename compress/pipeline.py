@@ -64,6 +64,12 @@ VOLATILE = ("seconds", "peak_mem_mb")
 _STEP_DIR = re.compile(r"^\d\d-[A-Za-z0-9_]+$")
 
 
+class JobsFailed(SqueezeError):
+    """Some jobs of a run failed (each is in the report); the others ran. Exit code 1."""
+
+    exit_code = 1
+
+
 class Reporter:
     """What the pipeline tells the outside world; the CLI draws it with Rich. Does nothing here."""
 

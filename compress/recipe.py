@@ -271,10 +271,14 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", base_dir: Path | None
             continue
         used: set[str] = set()
         for point in _points(matrix):
+            before = len(errors.found)
             resolved = _substitute(raw, point, (), used, errors, src)
+            if len(errors.found) > before:  # an unknown placeholder: its type errors would only repeat it
+                continue
             if point and isinstance(resolved.get("name"), str) and not any(f"${{{k}}}" in str(raw.get("name")) for k in point):
                 resolved["name"] = resolved["name"] + "".join(f"-{k}={v}" for k, v in point.items())
-            resolved["point"] = point
+            if point:
+                resolved["point"] = point
             try:
                 job = Job.model_validate(resolved)
             except ValidationError as exc:

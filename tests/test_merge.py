@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -22,6 +23,7 @@ FAMILIES = ("bert", "vit", "llama", "gpt2")
 # Three experts with weights (1, 2, 1)/4 against the same sum computed in float64: measured
 # max abs error 6e-8 on logits of magnitude ~1 (float32 rounding of 1/4 * a + 1/2 * b + 1/4 * c).
 WEIGHTED_ATOL = 1e-6
+SHARPEN = 10.0  # weight scale that makes tiny decoders' greedy outputs vary (see _sharp)
 EVAL = DataSpec(eval_samples=4, seq_len=16, batch_size=4)
 
 
@@ -140,18 +142,35 @@ def test_headless_merge_says_it_averaged_hidden_states(experts):
     assert 0 < row["fidelity"]["cos_mean"] < 1
 
 
+def _sharp(fam: str, seed: int) -> torch.nn.Module:
+    """A tiny decoder with weights scaled up so greedy decoding varies from token to token (at
+    the default init, tiny GPT-2 repeats one token, which would hide position bugs)."""
+    model = build_tiny(fam, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(SHARPEN)
+    return model
+
+
 @pytest.mark.parametrize("fam", ["llama", "gpt2"])
-def test_generate_per_expert_cache(fam, experts):
-    a, b = load(experts[fam][0]), load(experts[fam][1])
+def test_generate_per_expert_cache(fam):
+    a, b = _sharp(fam, 0), _sharp(fam, 1)
     ids = torch.randint(5, 300, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # a left-padded row: positions must follow the mask
-    twins = _merge([a, load(experts[fam][0])]).model
-    ref = a.model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    mask[0, :2] = 0  # a left-padded row: positions must follow the mask (GPT-2's are absolute)
+    ref = a.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert len(set(ref[:, 7:].flatten().tolist())) > 3  # the check below is not vacuous
+    twins = MergedModel([a, copy.deepcopy(a)], [1, 1])
     assert torch.equal(twins.generate(ids, attention_mask=mask, max_new_tokens=10), ref)
 
-    merged = _merge([a, b]).model
+    merged = MergedModel([a, b], [1, 1])
+    seen: list[tuple[int, int]] = []  # (expert, tokens fed) per forward call
+    for i, expert in enumerate(merged.experts):
+        expert.register_forward_pre_hook(lambda m, args, kw, i=i: seen.append((i, kw["input_ids"].shape[1])),
+                                         with_kwargs=True)
     cached = merged.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=True)
+    assert sorted(seen) == sorted([(i, 7) for i in (0, 1)] + [(i, 1) for i in (0, 1)] * 9)  # each expert's cache is used
     uncached = merged.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=False)
     assert torch.equal(cached, uncached)
     out = merged(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -257,3 +276,29 @@ def test_apply_on_bare_modules_rebuilds_from_config(experts):
     rebuilt.load_state_dict(merged.state_dict())
     ids = torch.arange(1, 9)[None]
     assert torch.equal(rebuilt(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_recipe_step(experts, tmp_path, capsys):
+    """``- merge: {with: [B], weights: [...]}`` in a recipe: the engine loads B and merges."""
+    a, b = experts["llama"]
+    recipe = tmp_path / "merge.yaml"
+    body = """version: 1
+defaults:
+  calibration: {{source: builtin, samples: 4, seq_len: 16, eval_samples: 4}}
+jobs:
+  - name: m
+    model: {a}
+    steps:
+      - merge: {{with: [{b}], weights: {w}}}
+"""
+    recipe.write_text(body.format(a=a, b=b, w="[3, 1]"))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    ca, cb = load(a), load(b)
+    batch = _batch(ca)
+    want = 0.75 * _out(ca.model, ca.family, batch)[1] + 0.25 * _out(cb.model, cb.family, batch)[1]
+    assert torch.equal(_out(load(tmp_path / "out" / "m" / "01-merge").model, ca.family, batch)[1], want)
+
+    recipe.write_text(body.format(a=a, b=b, w="[1, 1, 1]"))
+    capsys.readouterr()
+    assert main(["run", str(recipe), "-o", str(tmp_path / "bad")]) == 2
+    assert "3 weights for 2 experts" in capsys.readouterr().err

@@ -89,3 +89,25 @@ def make_tiny(name: str, folder: str | Path, seed: int = 0, **cfg_over) -> Path:
     if name != "vit":
         write_tokenizer(name, folder)
     return folder
+
+
+#: the folders the tiny recipes in recipes/ refer to (``model: tiny/bert`` beside the recipe):
+#: one per family, plus a second llama / gpt2 (another seed, same tokenizer) to merge with.
+RECIPE_MODELS = {"bert": ("bert", 0), "vit": ("vit", 0), "llama": ("llama", 0), "gpt2": ("gpt2", 0),
+                 "llama-b": ("llama", 1), "gpt2-b": ("gpt2", 1)}
+
+
+def make_recipe_models(folder: str | Path) -> Path:
+    """Write the tiny models the recipes in recipes/ use into ``folder`` (normally recipes/tiny)."""
+    folder = Path(folder)
+    for sub, (name, seed) in RECIPE_MODELS.items():
+        if not (folder / sub / "config.json").exists():
+            make_tiny(name, folder / sub, seed=seed)
+    return folder
+
+
+if __name__ == "__main__":  # python tests/tiny.py recipes/tiny
+    import sys
+
+    target = make_recipe_models(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[1] / "recipes" / "tiny")
+    print(f"tiny models written to {target}")

@@ -156,8 +156,9 @@ class Plan:
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_layers": self.num_layers, "attention": self.attention, "mlp": self.mlp,
                                "blocks": self.blocks, "keep_norm": self.keep_norm}
-        if self.scores is not None:
-            out["scores"] = {k: [round(float(x), 6) for x in v] for k, v in self.scores.items()}
+        if self.scores is not None:  # None marks a sublayer an earlier step already dropped
+            out["scores"] = {k: [None if x == -math.inf else round(float(x), 6) for x in v]
+                             for k, v in self.scores.items()}
         if self.rounds:
             out["rounds"] = self.rounds
         return out
@@ -347,30 +348,42 @@ class PrunePass(Pass):
                 "where a dropped sublayer always takes its norm with it")
         if not models:
             return
-        n = family.num_layers(models[0])
         if cfg.mode == "block" or cfg.block_layers is not None:
             if family.name == "gpt2" and getattr(models[0].config, "scale_attn_by_inverse_layer_idx", False):
                 raise SqueezeError("gpt2 with scale_attn_by_inverse_layer_idx scales attention by layer index: "
                                    "removing blocks would change the kept layers; drop attention or MLP sublayers instead")
-        self._counts(family, n)
+        self._counts(family, models[0])
 
-    def _counts(self, family: Family, n: int) -> dict[str, Any]:
-        """Validated counts (scored modes) or index lists (explicit), before any work."""
+    def _counts(self, family: Family, model: nn.Module) -> dict[str, Any]:
+        """Validated counts (scored modes) or index lists (explicit), before any work.
+
+        Counts are of the layers the model has; sublayers an earlier step dropped are not
+        candidates again, so asking for more than remain is an error.
+        """
         cfg = self.config
+        layers = family.layers(model)
+        n = len(layers)
+        gone = {w: {i for i, l in enumerate(layers) if family.is_skipped(l, w)} for w in ("attn", "mlp")}
         if cfg.mode == "explicit":
             att = to_indices(cfg.attn_layers, n, "attn_layers")
             mlp = to_indices(cfg.mlp_layers, n, "mlp_layers")
             blocks = to_indices(cfg.block_layers, n, "block_layers")
-            self._refuse_empty(family, n, len(att), len(blocks))
+            self._refuse_empty(family, n, len(gone["attn"] | set(att)), len(blocks))
             return {"attention": att, "mlp": mlp, "blocks": blocks}
         what = {"attn": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks", "joint": "sublayers"}[cfg.mode]
         total = 2 * n if cfg.mode == "joint" else n
         k = count_of(getattr(cfg, AMOUNTS[("attn", "mlp", "block", "joint").index(cfg.mode)]), total, what)
-        self._refuse_empty(family, n, k if cfg.mode == "attn" else 0, k if cfg.mode == "block" else 0)
-        return {"k": k}
+        left = {"attn": n - len(gone["attn"]), "mlp": n - len(gone["mlp"]), "block": n,
+                "joint": 2 * n - len(gone["attn"]) - len(gone["mlp"])}[cfg.mode]
+        if k > left:
+            raise SqueezeError(f"cannot drop {k} {what}: only {left} remain (an earlier step dropped the others)")
+        self._refuse_empty(family, n, len(gone["attn"]) + (k if cfg.mode == "attn" else 0),
+                           k if cfg.mode == "block" else 0)
+        return {"k": k, "gone_attn": gone["attn"]}
 
     @staticmethod
     def _refuse_empty(family: Family, n: int, n_attn: int, n_blocks: int) -> None:
+        """At least one block must remain, and a decoder keeps at least one attention layer."""
         if n_blocks >= n:
             raise SqueezeError(f"cannot drop all {n} blocks: at least one must remain")
         if family.causal and n_attn >= n:
@@ -383,7 +396,7 @@ class PrunePass(Pass):
         """Score and decide (no structural change unless iterative and ``inplace``)."""
         family, cfg = ctx.family, self.config
         n = family.num_layers(model)
-        counts = self._counts(family, n)
+        counts = self._counts(family, model)
         keep_norm = self.keep_norm(family)
         if cfg.mode == "explicit":
             return Plan(num_layers=n, keep_norm=keep_norm, **counts)
@@ -408,7 +421,8 @@ class PrunePass(Pass):
             plan.blocks = top_k(scores["block"], k)
         else:
             plan.attention, plan.mlp = rank_joint(scores["attn"], scores["mlp"], k)
-        self._refuse_empty(family, n, len(plan.attention), 0)  # a joint drop may take every attention
+        # a joint drop may take every attention layer
+        self._refuse_empty(family, n, len(counts["gone_attn"] | set(plan.attention)), 0)
         return plan
 
     def _iterate(self, work: nn.Module, ctx: PassContext, plan: Plan, k: int, scores: dict) -> None:

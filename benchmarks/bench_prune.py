@@ -1,0 +1,207 @@
+"""``prune`` on the real all-MiniLM-L6-v2, and decode speed of a tiny Llama.
+
+    .venv/bin/python benchmarks/bench_prune.py
+
+MiniLM (6 layers), one-shot LLM-Drop ranking from one scoring of the unpruned model on the
+built-in calibration text (128 samples, <= 128 tokens):
+
+* fidelity of 1..6 attention, 1..3 MLP and 1..3 block drops (cosine of the mean-pooled
+  embedding against the original on the 100 held-apart evaluation sentences, mean and worst,
+  ``compress/evaluate.py``), with BERT's two post-LN choices (keep the dropped sublayer's
+  LayerNorm or not) side by side, plus joint drops of 2 and 4 and iterative attention drops;
+* ONNX Runtime latency of each default variant against the fp32 export of the original, all
+  graphs in one process, interleaved in rounds (CPU, 2 threads, batch 1 and 8, sequence 128,
+  median after warm-up), as a speed-up ratio;
+* wall time and peak memory (RSS) of the scoring, next to one plain forward over the same data.
+
+Tiny Llama (8 layers, hidden 256, random weights): greedy decode tokens/s with the KV cache,
+before and after dropping half the attention layers, and the KV cache's size.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+from common import MINILM, RESULTS, ck, eval_batches, export_fp32, latencies, write_results
+
+from squeeze.compress.calibration import model_inputs
+from squeeze.compress.evaluate import PeakMemory, current_rss_mb, fidelity
+from squeeze.compress.passes import PassContext
+from squeeze.compress.passes.drop import Plan, PrunePass, layer_scores, rank_joint, top_k
+
+torch.set_num_threads(2)
+
+
+def minilm() -> dict:
+    ckpt = ck.load(MINILM)
+    fam, model = ckpt.family, ckpt.model
+    ctx = PassContext(family=fam, checkpoint=ckpt)
+    calib = ctx.calib_batches()
+    evalb = eval_batches(ckpt, 100)
+
+    # ---- scoring cost, next to a plain forward over the same batches
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in calib:
+            model(**model_inputs(b))
+    plain_s = time.perf_counter() - t
+    rss0 = current_rss_mb()
+    t = time.perf_counter()
+    with PeakMemory() as mem:
+        scores = layer_scores(model, fam, calib)
+    score_s = time.perf_counter() - t
+    cost = {"calib_samples": sum(len(b["input_ids"]) for b in calib), "score_seconds": round(score_s, 2),
+            "plain_forward_seconds": round(plain_s, 2), "rss_before_mb": round(rss0, 1),
+            "peak_rss_mb": round(mem.peak_mb, 1), "peak_extra_mb": round(mem.peak_mb - rss0, 1)}
+    print("scoring", cost)
+
+    def variant(**result) -> torch.nn.Module:
+        plan = Plan(num_layers=6, **result)
+        return PrunePass.apply_plan(copy.deepcopy(model), plan, fam)
+
+    rows: list[dict] = []
+    for kind, counts in (("attention", range(1, 7)), ("mlp", range(1, 4)), ("blocks", range(1, 4))):
+        key = {"attention": "attn", "mlp": "mlp", "blocks": "block"}[kind]
+        for k in counts:
+            idx = top_k(scores[key], k)
+            row = {"drop": kind, "k": k, "layers": idx}
+            for keep in ((True, False) if kind != "blocks" else (None,)):
+                f = fidelity(model, variant(**{kind: idx}, keep_norm=keep), fam, evalb)
+                tag = "" if keep in (True, None) else "_no_norm"
+                row[f"cos_mean{tag}"], row[f"cos_worst{tag}"] = f["cos_mean"], f["cos_worst"]
+            rows.append(row)
+            print(row)
+    extra: list[dict] = []
+    for k in (2, 4):
+        att, mlp = rank_joint(scores["attn"], scores["mlp"], k)
+        f = fidelity(model, variant(attention=att, mlp=mlp, keep_norm=True), fam, evalb)
+        extra.append({"drop": "joint", "k": k, "layers": {"attention": att, "mlp": mlp},
+                      "cos_mean": f["cos_mean"], "cos_worst": f["cos_worst"]})
+    t = time.perf_counter()
+    plan = PrunePass(drop_attn=3, iterative=True).plan(model, ctx)
+    f = fidelity(model, variant(attention=plan.attention, keep_norm=True), fam, evalb)
+    extra.append({"drop": "attention iterative", "k": 3, "layers": plan.attention, "cos_mean": f["cos_mean"],
+                  "cos_worst": f["cos_worst"], "seconds": round(time.perf_counter() - t, 2)})
+    print(extra)
+
+    # ---- ONNX Runtime latency: every default variant exported once, timed side by side
+    onnx_dir = RESULTS.parent / ".onnx_prune"
+    onnx_dir.mkdir(exist_ok=True)
+    paths = {"fp32": export_fp32(ckpt, onnx_dir / "fp32.onnx")}
+    for row in rows:
+        name = f"{row['drop']}-{row['k']}"
+        pruned = ck.Checkpoint(model=variant(**{row["drop"]: row["layers"]}, keep_norm=True), family=fam,
+                               manifest=ckpt.manifest, source=ckpt.source)
+        paths[name] = export_fp32(pruned, onnx_dir / f"{name}.onnx")
+        row["onnx_mb"] = round(paths[name].stat().st_size / 2**20, 1)
+    lat = latencies(paths, ckpt)
+    for row in rows:
+        name = f"{row['drop']}-{row['k']}"
+        for b in (1, 8):
+            row[f"ms_b{b}"] = round(lat[name][b], 2)
+            row[f"speedup_b{b}"] = round(lat["fp32"][b] / lat[name][b], 3)
+    fp32 = {f"ms_b{b}": round(lat["fp32"][b], 2) for b in (1, 8)}
+    fp32["onnx_mb"] = round(paths["fp32"].stat().st_size / 2**20, 1)
+    for p in onnx_dir.glob("*"):
+        p.unlink()
+    onnx_dir.rmdir()
+    return {"scores": {k: [round(x, 4) for x in v] for k, v in scores.items()}, "scoring": cost, "rows": rows,
+            "extra": extra, "fp32": fp32}
+
+
+def tiny_llama_decode(prompt: int = 32, new: int = 64, rounds: int = 5) -> dict:
+    from tiny import build_tiny
+
+    from squeeze.compress.families import family_for
+
+    base = build_tiny("llama", layers=8, hidden=256, seed=0)
+    fam = family_for("llama")
+    dropped = PrunePass.apply_plan(copy.deepcopy(base), Plan(num_layers=8, attention=[1, 3, 5, 7]), fam)
+    out: dict = {"layers": 8, "hidden": 256, "attention_dropped": [1, 3, 5, 7], "prompt": prompt, "new_tokens": new}
+    for batch in (1, 8):
+        ids = torch.randint(5, 300, (batch, prompt), generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {"original": [], "half_attention": []}
+
+        def gen(m, n):
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, use_cache=True)
+
+        for m in (base, dropped):
+            gen(m, 4)  # warm-up
+        for _ in range(rounds):  # interleaved, so drift hits both alike
+            for name, m in (("original", base), ("half_attention", dropped)):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    gen(m, 1)  # prefill (+1 token)
+                t1 = time.perf_counter()
+                gen(m, new + 1)
+                t2 = time.perf_counter()
+                times[name].append((t2 - t1) - (t1 - t))  # decode of `new` tokens
+        res = {name: round(batch * new / float(np.median(v)), 1) for name, v in times.items()}
+        res["speedup"] = round(res["half_attention"] / res["original"], 3)
+        out[f"decode_tokens_per_s_b{batch}"] = res
+        print("decode", batch, res)
+    for name, m in (("original", base), ("half_attention", dropped)):
+        cache = m(torch.randint(5, 300, (1, prompt)), use_cache=True).cache
+        out[f"kv_cache_bytes_{name}"] = int(sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers))
+        out[f"kv_cache_slots_{name}"] = len(cache.layers)
+    return out
+
+
+def table(m: dict, d: dict) -> str:
+    s = m["scoring"]
+    lines = [
+        "# prune (LLM-Drop) on all-MiniLM-L6-v2",
+        "",
+        "Command: `.venv/bin/python benchmarks/bench_prune.py`. One-shot ranking from one scoring of the unpruned model "
+        f"(built-in calibration text, {s['calib_samples']} samples). Fidelity: cosine of the mean-pooled embedding vs the "
+        "original on 100 held-apart sentences (mean / worst). Speed-up: ONNX Runtime latency of the fp32 export of the "
+        f"original divided by the variant's (CPU, 2 threads, seq 128, median; fp32 = {m['fp32']['ms_b1']} ms at batch 1, "
+        f"{m['fp32']['ms_b8']} ms at batch 8). BERT is post-LN: the default keeps a dropped sublayer's LayerNorm; the "
+        "no-norm column is the other choice.",
+        "",
+        "| dropped | layers | cos mean | cos worst | no-norm mean / worst | speed-up b1 | speed-up b8 | ONNX MB |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| nothing (fp32) | - | 1 | 1 | - | 1.000 | 1.000 | {m['fp32']['onnx_mb']} |",
+    ]
+    for r in m["rows"]:
+        nn = f"{r['cos_mean_no_norm']:.4f} / {r['cos_worst_no_norm']:.4f}" if "cos_mean_no_norm" in r else "-"
+        lines.append(f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | {nn} | "
+                     f"{r['speedup_b1']:.3f} | {r['speedup_b8']:.3f} | {r['onnx_mb']} |")
+    for r in m["extra"]:
+        lines.append(f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | - | - | - | - |")
+    lines += [
+        "",
+        f"Scoring: {s['score_seconds']} s for 6 layers x {s['calib_samples']} samples (one plain forward over the same "
+        f"batches: {s['plain_forward_seconds']} s); peak RSS {s['peak_rss_mb']} MB, {s['peak_extra_mb']} MB above the "
+        "process before scoring.",
+        "",
+        f"Scores S (attention / MLP / block per layer): {m['scores']['attn']} / {m['scores']['mlp']} / {m['scores']['block']}",
+        "",
+        f"## Tiny Llama decode ({d['layers']} layers, hidden {d['hidden']}, random weights; greedy, KV cache, "
+        f"prompt {d['prompt']}, {d['new_tokens']} new tokens, torch CPU 2 threads)",
+        "",
+        "| batch | tokens/s original | tokens/s half attention dropped | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for b in (1, 8):
+        r = d[f"decode_tokens_per_s_b{b}"]
+        lines.append(f"| {b} | {r['original']} | {r['half_attention']} | {r['speedup']:.3f} |")
+    lines += ["", f"KV cache after the prompt: {d['kv_cache_slots_original']} slots, {d['kv_cache_bytes_original']} bytes "
+              f"-> {d['kv_cache_slots_half_attention']} slots, {d['kv_cache_bytes_half_attention']} bytes."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    m = minilm()
+    d = tiny_llama_decode()
+    data = {"minilm": m, "tiny_llama_decode": d, "total_seconds": round(time.perf_counter() - start, 1)}
+    write_results("prune", data, table(m, d))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""``squeeze prune``: drop attention / MLP sublayers or whole blocks (LLM-Drop).
+
+    squeeze prune CKPT --drop-attn 0.5 -o OUT
+    squeeze prune CKPT --drop-mlp 2 | --drop-blocks 2 | --drop-joint 4 [--iterative] -o OUT
+    squeeze prune CKPT --attn-layers 3,5 -o OUT          # explicit, no scoring
+    squeeze prune CKPT --drop-attn 0.5 --dry-run         # scores only
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from squeeze.cli.common import (CalibOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
+                                print_json, progress, report_table)
+from squeeze.compress.errors import SqueezeError
+
+AmountHelp = "a share of the layers (0.5) or a count (2)"
+
+
+def _amount(text: str | None, flag: str) -> int | float | None:
+    if text is None:
+        return None
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise SqueezeError(f"{flag}: expected {AmountHelp}, got {text!r}") from None
+
+
+def _indices(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SqueezeError(f"{flag}: expected comma-separated layer indices (3,5), got {text!r}") from None
+
+
+def _config(**kw: Any):
+    from pydantic import ValidationError
+
+    from squeeze.compress.passes.drop import PruneConfig
+
+    try:
+        return PruneConfig(**kw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        flag = f"--{where.replace('_', '-')}" if where else "prune"
+        raise SqueezeError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def scores_table(result: dict[str, Any], title: str = "") -> Table:
+    """Layer, attention S, MLP S, block S, and what was dropped."""
+    scores = result.get("scores") or {}
+    t = Table(title=title or "similarity S (higher = changes the stream less = dropped first)", title_justify="left")
+    for col in ("layer", "attention S", "MLP S", "block S", "dropped"):
+        t.add_column(col, justify="right" if col != "dropped" else "left")
+    att, mlp, blocks = set(result.get("attention", [])), set(result.get("mlp", [])), set(result.get("blocks", []))
+
+    def fmt(key: str, i: int) -> str:
+        vals = scores.get(key) or []
+        if i >= len(vals):
+            return "-"
+        return "gone" if vals[i] is None else f"{vals[i]:.4f}"  # None: an earlier step dropped it
+
+    for i in range(int(result.get("num_layers", 0))):
+        what = "block" if i in blocks else ", ".join(w for w, s in (("attention", att), ("MLP", mlp)) if i in s)
+        t.add_row(str(i), fmt("attn", i), fmt("mlp", i), fmt("block", i),
+                  f"[red]{what}[/red]" if what else "[green]kept[/green]")
+    return t
+
+
+def prune(
+    ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
+    output: Path = typer.Option(None, "-o", "--output", help="Output folder (written atomically)."),
+    drop_attn: str = typer.Option(None, "--drop-attn", help=f"Attention sublayers to drop: {AmountHelp}."),
+    drop_mlp: str = typer.Option(None, "--drop-mlp", help=f"MLP sublayers to drop: {AmountHelp}."),
+    drop_blocks: str = typer.Option(None, "--drop-blocks", help=f"Whole blocks to drop: {AmountHelp}."),
+    drop_joint: str = typer.Option(None, "--drop-joint", help=f"Sublayers (attention or MLP, one ranking of 2L): {AmountHelp}."),
+    attn_layers: str = typer.Option(None, "--attn-layers", help="Drop these attention sublayers (3,5), no scoring."),
+    mlp_layers: str = typer.Option(None, "--mlp-layers", help="Drop these MLP sublayers, no scoring."),
+    block_layers: str = typer.Option(None, "--block-layers", help="Drop these blocks, no scoring."),
+    iterative: bool = typer.Option(False, "--iterative", help="Re-score after each single drop."),
+    consecutive: bool = typer.Option(False, "--consecutive", help="Blocks: drop n adjacent blocks (ShortGPT style)."),
+    keep_norm: bool = typer.Option(None, "--keep-norm/--no-keep-norm",
+                                   help="BERT (post-LN) only: a dropped sublayer keeps its LayerNorm (default: yes, measured better)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Score and show what would be dropped; write nothing."),
+    calib: str = CalibOpt,
+    samples: int = SamplesOpt,
+    seq_len: int = SeqLenOpt,
+    force: bool = ForceOpt,
+    trust_pickle: bool = TrustPickleOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Drop the attention / MLP sublayers or blocks that change the residual stream least."""
+    cfg = _config(
+        drop_attn=_amount(drop_attn, "--drop-attn"), drop_mlp=_amount(drop_mlp, "--drop-mlp"),
+        drop_blocks=_amount(drop_blocks, "--drop-blocks"), drop_joint=_amount(drop_joint, "--drop-joint"),
+        attn_layers=_indices(attn_layers, "--attn-layers"), mlp_layers=_indices(mlp_layers, "--mlp-layers"),
+        block_layers=_indices(block_layers, "--block-layers"), iterative=iterative, consecutive=consecutive,
+        keep_norm=keep_norm,
+    )
+    if output is None and not dry_run:
+        raise SqueezeError("-o/--output is required (or pass --dry-run to see the scores only)")
+    if output is not None and output.exists() and not force and not dry_run:
+        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
+    spec = data_spec(calib, samples, seq_len)
+
+    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.passes import PassContext, run_pass
+    from squeeze.compress.passes.drop import PrunePass
+
+    model = load(ckpt, trust_pickle=trust_pickle)
+    pass_ = PrunePass(cfg)
+    pass_.check(model.family, [model.model])
+    with progress() as bar:
+        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
+        if dry_run:
+            result = pass_.plan(model.model, ctx).result()
+            report = None
+        else:
+            new = run_pass(pass_, [model], ctx)
+            result, report = new.manifest.edits[-1]["result"], new.manifest.ledger[-1]
+    if not dry_run:
+        save(new, output, force=force)
+    if as_json:
+        print_json({"result": result, "report": report, "output": str(output) if not dry_run else None})
+        return
+    console.print(scores_table(result))
+    if report is not None:
+        console.print(report_table(report))
+        console.print(f"wrote {output}")
+    for w in ctx.warnings if report is None else []:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune)
