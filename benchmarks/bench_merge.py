@@ -15,6 +15,9 @@ Writes benchmarks/results/merge.json and merge.md.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import sys
 import tempfile
 import time
@@ -108,9 +111,11 @@ def run_split(kind: str, xtr, ytr, xte, yte, seed: int, tmp: Path, full) -> dict
         folders.append(save_expert(train(xtr[idx], ytr[idx], seed * 10 + i), tmp / f"{kind[:6]}-{seed}-{i}"))
     out = tmp / f"merged-{kind[:6]}-{seed}"
     t = time.perf_counter()
-    code = squeeze_main(["merge", str(folders[0]), str(folders[1]), "-o", str(out), "--data", str(tmp / "test.npz"), "--json"])
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # the ledger row, as JSON
+        code = squeeze_main(["merge", str(folders[0]), str(folders[1]), "-o", str(out), "--data", str(tmp / "test.npz"), "--json"])
     merge_s = time.perf_counter() - t
     assert code == 0, f"squeeze merge failed ({code})"
+    ledger = json.loads(printed.getvalue())
     merged = ck.load(out).model
     a, b = (ck.load(f).model for f in folders)
     la, lb, lm = logits_of(a, xte), logits_of(b, xte), logits_of(merged, xte)
@@ -118,7 +123,8 @@ def run_split(kind: str, xtr, ytr, xte, yte, seed: int, tmp: Path, full) -> dict
     prob = (la.softmax(-1) + lb.softmax(-1)) / 2
     return {"split": kind, "seed": seed, "expert_a": accuracy(la, yte), "expert_b": accuracy(lb, yte),
             "merge": accuracy(lm, yte), "prob_average": accuracy(prob, yte), "all_data": accuracy(logits_of(full, xte), yte),
-            "merge_seconds": round(merge_s, 2), "folders": [str(f) for f in folders], "merged": str(out)}
+            "merge_seconds": round(merge_s, 2), "ledger_fidelity_vs_expert_a": ledger["fidelity"],
+            "folders": [str(f) for f in folders], "merged": str(out)}
 
 
 def latency(paths: dict[str, Path], xte: np.ndarray) -> dict[str, dict[int, float]]:
@@ -170,7 +176,7 @@ def main() -> None:
     md = [
         f"Digits (sklearn `load_digits`, 8x8): {n_train} training / {n_test} test images. Tiny ViT "
         f"(patch 2, hidden {VIT['hidden_size']}, {VIT['num_hidden_layers']} layers, "
-        f"{params:,} parameters), {EPOCHS} epochs, AdamW); each expert trains on half the training split, the all-data model on all "
+        f"{params:,} parameters; {EPOCHS} epochs, AdamW); each expert trains on half the training split, the all-data model on all "
         f"of it (same epochs). Test accuracy, mean ± std over seeds {list(SEEDS)}.",
         "",
         "| halves | expert A | expert B | **merge (logit mean)** | prob. average | all-data model |",

@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 import torch
-from common import MINILM, RESULTS, ck, eval_batches, export_fp32, latencies, write_results
+from common import MINILM, RESULTS, THREADS, ck, eval_batches, export_fp32, latency_feeds, write_results
 
 from squeeze.compress.calibration import model_inputs
-from squeeze.compress.evaluate import PeakMemory, current_rss_mb, fidelity
+from squeeze.compress.evaluate import PeakMemory, compare_outputs, current_rss_mb, ort_latency_ms, ort_session, reference_outputs
 from squeeze.compress.passes import PassContext
 from squeeze.compress.passes.drop import Plan, PrunePass, layer_scores, rank_joint, top_k
 
@@ -41,6 +41,10 @@ def minilm() -> dict:
     ctx = PassContext(family=fam, checkpoint=ckpt)
     calib = ctx.calib_batches()
     evalb = eval_batches(ckpt, 100)
+    ref = reference_outputs(model, fam, evalb)
+
+    def fidelity(new: torch.nn.Module) -> dict:
+        return compare_outputs(ref, reference_outputs(new, fam, evalb))
 
     # ---- scoring cost, next to a plain forward over the same batches
     t = time.perf_counter()
@@ -69,7 +73,7 @@ def minilm() -> dict:
             idx = top_k(scores[key], k)
             row = {"drop": kind, "k": k, "layers": idx}
             for keep in ((True, False) if kind != "blocks" else (None,)):
-                f = fidelity(model, variant(**{kind: idx}, keep_norm=keep), fam, evalb)
+                f = fidelity(variant(**{kind: idx}, keep_norm=keep))
                 tag = "" if keep in (True, None) else "_no_norm"
                 row[f"cos_mean{tag}"], row[f"cos_worst{tag}"] = f["cos_mean"], f["cos_worst"]
             rows.append(row)
@@ -77,12 +81,12 @@ def minilm() -> dict:
     extra: list[dict] = []
     for k in (2, 4):
         att, mlp = rank_joint(scores["attn"], scores["mlp"], k)
-        f = fidelity(model, variant(attention=att, mlp=mlp, keep_norm=True), fam, evalb)
+        f = fidelity(variant(attention=att, mlp=mlp, keep_norm=True))
         extra.append({"drop": "joint", "k": k, "layers": {"attention": att, "mlp": mlp},
                       "cos_mean": f["cos_mean"], "cos_worst": f["cos_worst"]})
     t = time.perf_counter()
     plan = PrunePass(drop_attn=3, iterative=True).plan(model, ctx)
-    f = fidelity(model, variant(attention=plan.attention, keep_norm=True), fam, evalb)
+    f = fidelity(variant(attention=plan.attention, keep_norm=True))
     extra.append({"drop": "attention iterative", "k": 3, "layers": plan.attention, "cos_mean": f["cos_mean"],
                   "cos_worst": f["cos_worst"], "seconds": round(time.perf_counter() - t, 2)})
     print(extra)
@@ -95,9 +99,16 @@ def minilm() -> dict:
         name = f"{row['drop']}-{row['k']}"
         pruned = ck.Checkpoint(model=variant(**{row["drop"]: row["layers"]}, keep_norm=True), family=fam,
                                manifest=ckpt.manifest, source=ckpt.source)
-        paths[name] = export_fp32(pruned, onnx_dir / f"{name}.onnx")
+        paths[name] = onnx_dir / f"{name}.onnx"
+        try:
+            export_fp32(pruned, paths[name])
+            row["export_validated"] = True
+        except Exception as exc:  # see export_unvalidated(); reported, not hidden
+            print(f"{name}: export_onnx failed ({type(exc).__name__}: {exc}); exporting without validation")
+            export_unvalidated(pruned, paths[name])
+            row["export_validated"] = False
         row["onnx_mb"] = round(paths[name].stat().st_size / 2**20, 1)
-    lat = latencies(paths, ckpt)
+    lat = interleaved_latencies(paths, ckpt)
     for row in rows:
         name = f"{row['drop']}-{row['k']}"
         for b in (1, 8):
@@ -112,7 +123,38 @@ def minilm() -> dict:
             "extra": extra, "fp32": fp32}
 
 
-def tiny_llama_decode(prompt: int = 32, new: int = 64, rounds: int = 5) -> dict:
+def interleaved_latencies(paths: dict, ckpt, batch_sizes=(1, 8), rounds: int = 12, runs: int = 4) -> dict:
+    """Median latency (ms) per graph. The machine is shared and its load comes in bursts, so
+    graphs take turns in many short rounds (1 warm-up + ``runs`` timed calls each) and the
+    median is over the rounds' medians: a burst hits every graph about alike."""
+    sessions = {k: ort_session(v, threads=THREADS) for k, v in paths.items()}
+    out: dict = {}
+    for b in batch_sizes:
+        feeds = latency_feeds(ckpt, b)
+        per: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds):
+            for k, sess in sessions.items():
+                names = {i.name for i in sess.get_inputs()}
+                per[k].append(ort_latency_ms(sess, {n: v for n, v in feeds.items() if n in names}, warmup=1, runs=runs))
+        for k, v in per.items():
+            out.setdefault(k, {})[b] = float(np.median(v))
+    return out
+
+
+def export_unvalidated(ckpt, path) -> None:
+    """With every attention layer dropped, BERT no longer reads ``attention_mask``; the graph
+    loses that input, and export_onnx's validation still feeds it (ORT: "Invalid input name").
+    Export the same graph without the validation step so its latency can still be measured."""
+    from squeeze.compress.export import ExportWrapper, _torch_export, input_names
+
+    names = input_names(ckpt)
+    ids = torch.ones(2, 16, dtype=torch.long)
+    wrapper = ExportWrapper(ckpt.model.eval(), names, "last_hidden_state", False).eval()
+    _torch_export(wrapper, tuple(ids for _ in names), names, "last_hidden_state", path, opset=18,
+                  exporter="torchscript", vision=False)
+
+
+def tiny_llama_decode(prompt: int = 32, new: int = 64, rounds: int = 7) -> dict:
     from tiny import build_tiny
 
     from squeeze.compress.families import family_for
@@ -159,7 +201,7 @@ def table(m: dict, d: dict) -> str:
         "Command: `.venv/bin/python benchmarks/bench_prune.py`. One-shot ranking from one scoring of the unpruned model "
         f"(built-in calibration text, {s['calib_samples']} samples). Fidelity: cosine of the mean-pooled embedding vs the "
         "original on 100 held-apart sentences (mean / worst). Speed-up: ONNX Runtime latency of the fp32 export of the "
-        f"original divided by the variant's (CPU, 2 threads, seq 128, median; fp32 = {m['fp32']['ms_b1']} ms at batch 1, "
+        f"original divided by the variant's (CPU, 2 threads, seq 128, median of 12 interleaved rounds; fp32 = {m['fp32']['ms_b1']} ms at batch 1, "
         f"{m['fp32']['ms_b8']} ms at batch 8). BERT is post-LN: the default keeps a dropped sublayer's LayerNorm; the "
         "no-norm column is the other choice.",
         "",
@@ -169,10 +211,14 @@ def table(m: dict, d: dict) -> str:
     ]
     for r in m["rows"]:
         nn = f"{r['cos_mean_no_norm']:.4f} / {r['cos_worst_no_norm']:.4f}" if "cos_mean_no_norm" in r else "-"
+        star = "" if r.get("export_validated", True) else " *"
         lines.append(f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | {nn} | "
-                     f"{r['speedup_b1']:.3f} | {r['speedup_b8']:.3f} | {r['onnx_mb']} |")
+                     f"{r['speedup_b1']:.3f}{star} | {r['speedup_b8']:.3f}{star} | {r['onnx_mb']} |")
     for r in m["extra"]:
         lines.append(f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | - | - | - | - |")
+    if not all(r.get("export_validated", True) for r in m["rows"]):
+        lines += ["", "\\* exported without validation: with no attention left the graph drops its `attention_mask` "
+                  "input, which `export_onnx`'s validation still feeds (a bug in export.py, reported)."]
     lines += [
         "",
         f"Scoring: {s['score_seconds']} s for 6 layers x {s['calib_samples']} samples (one plain forward over the same "

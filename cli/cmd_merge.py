@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from squeeze.cli.common import ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, print_json
-from squeeze.cli.common import progress, report_table
+from squeeze.cli.common import (ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, print_json,
+                                progress, report_table)
 from squeeze.compress.errors import SqueezeError
 
 

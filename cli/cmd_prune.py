@@ -114,16 +114,16 @@ def prune(
     from squeeze.compress.passes import PassContext, run_pass
     from squeeze.compress.passes.drop import PrunePass
 
-    model = load(ckpt, trust_pickle=trust_pickle)
+    source = load(ckpt, trust_pickle=trust_pickle)
     pass_ = PrunePass(cfg)
-    pass_.check(model.family, [model.model])
+    pass_.check(source.family, [source.model])  # bad counts / indices / options fail before any work
     with progress() as bar:
-        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
+        ctx = PassContext(family=source.family, checkpoint=source, calibration=spec, progress=bar)
         if dry_run:
-            result = pass_.plan(model.model, ctx).result()
+            result = pass_.plan(source.model, ctx).result()
             report = None
         else:
-            new = run_pass(pass_, [model], ctx)
+            new = run_pass(pass_, [source], ctx)
             result, report = new.manifest.edits[-1]["result"], new.manifest.ledger[-1]
     if not dry_run:
         save(new, output, force=force)
@@ -131,11 +131,12 @@ def prune(
         print_json({"result": result, "report": report, "output": str(output) if not dry_run else None})
         return
     console.print(scores_table(result))
-    if report is not None:
-        console.print(report_table(report))
-        console.print(f"wrote {output}")
-    for w in ctx.warnings if report is None else []:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+    if report is None:  # dry run: no ledger row carries the warnings
+        for w in ctx.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
+        return
+    console.print(report_table(report))
+    console.print(f"wrote {output}")
 
 
 def register(app: typer.Typer) -> None:

@@ -26,7 +26,8 @@ def run(
     from squeeze.compress import pipeline, report
     from squeeze.compress.recipe import load_recipe
 
-    rec = load_recipe(recipe).select(job)
+    full = load_recipe(recipe)
+    rec = full.select(job)
     if samples is not None:
         rec = rec.with_samples(samples)
     out = output if output is not None else Path("out") / recipe.stem
@@ -35,7 +36,7 @@ def run(
         return
     with _RichReporter() as rep:
         results = pipeline.run(rec, out, fresh=fresh, reporter=rep)
-    data = report.build(results, out, str(recipe), [j.name for j in load_recipe(recipe, check_refs=False).jobs])
+    data = report.build(results, out, str(recipe), [j.name for j in full.jobs])
     paths = report.write(data, out)
     print_ledger(data)
     console.print(f"report: {paths['md']}  {paths['json']}  {paths['png']}")

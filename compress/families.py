@@ -355,6 +355,61 @@ class Family:
             base.register_forward_pre_hook(_compact_cache_hook, with_kwargs=True)
         return slots
 
+    # ---------------- quantization hooks (used by the quantize pass) ----------------
+
+    def set_linear(self, layer: nn.Module, key: str, module: nn.Module) -> None:
+        """Replace one linear of a layer; ``key`` as in :meth:`linears` (``q``, ``mlp_in.0``)."""
+        role, _, idx = key.partition(".")
+        path = self.role_path(role)
+        if isinstance(path, tuple):
+            path = path[int(idx or 0)]
+        if not path:
+            raise KeyError(f"{self.name} has no linear {key!r}")
+        _set(layer, path, module)
+
+    def attention_core(self, layer: nn.Module) -> nn.Module:
+        """The module transformers' attention function receives: the owner of q/k/v (or qkv)."""
+        path = self.role_path("q") or self.role_path("qkv")
+        return _get(layer, path.rpartition(".")[0])
+
+    def input_norm(self, layer: nn.Module, sublayer: Sublayer) -> nn.Module | None:
+        """The norm whose output feeds only this sublayer's input linears (pre-norm families),
+        or None where the norm's output also feeds the residual stream (post-LN BERT)."""
+        if self.norm_placement != "pre":
+            return None
+        return self.role(layer, "attn_norm" if sublayer == "attn" else "mlp_norm")
+
+    def embedding_tables(self, model: nn.Module) -> list[tuple[str, nn.Embedding]]:
+        """Every ``nn.Embedding`` of the embeddings as ``(key, module)``, except a table tied to
+        the head (quantizing it would untie the LM head)."""
+        head = self.head_module(model)
+        tied = getattr(head, "weight", None) if head is not None else None
+        out = []
+        for i, mod in enumerate(self.embedding_modules(model)):
+            for sub, m in mod.named_modules():
+                if isinstance(m, nn.Embedding) and (tied is None or m.weight is not tied):
+                    out.append((f"{i}:{sub}", m))
+        return out
+
+    def set_embedding_table(self, model: nn.Module, key: str, module: nn.Module) -> None:
+        i, _, sub = key.partition(":")
+        _set(self.base(model), self.embeddings[int(i)] + (f".{sub}" if sub else ""), module)
+
+    @staticmethod
+    def use_attention_function(model: nn.Module, name: str, fn: Callable) -> None:
+        """Route every attention layer through ``fn`` (transformers' AttentionInterface), with
+        eager-style additive float masks."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, eager_mask)
+        model.set_attn_implementation(name)
+
+    @staticmethod
+    def num_kv_heads(config) -> int:
+        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
     # ---------------- config facts ----------------
 
     @staticmethod

@@ -270,7 +270,7 @@ def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> J
     try:
         res.rows.append(state.original_row())
         for step in jp.steps:
-            reuse = None if step.done else known.get(step.key)
+            reuse = None if step.done else _reusable(known.get(step.key), step.key)
             rep.step_start(job, step.index, len(jp.steps), step.name, step.done or reuse is not None)
             if step.done or reuse is not None:
                 if reuse is not None:
@@ -314,6 +314,8 @@ def _pass_step(inp: Checkpoint, step: StepPlan, state: _Job) -> tuple[dict[str, 
     new = run_pass(pass_cls(step.config), [inp, *extra], ctx)
     ledger = dict(new.manifest.ledger[-1])
     save(new, step.folder, force=True)
+    # save() copies the input folder's side files, the previous step's mark among them
+    (step.folder / STEP_FILE).unlink(missing_ok=True)
     del new, extra
     result = load(step.folder)  # what the next step reads, also in an uninterrupted run
     row = {
@@ -408,6 +410,12 @@ def _latency_feeds(session, ckpt: Checkpoint, batch: int, seq_len: int) -> dict[
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------
+
+
+def _reusable(folder: Path | None, key: str) -> Path | None:
+    """``folder`` if it still holds the finished step ``key`` (it may have been cleaned up since)."""
+    row = read_step(folder) if folder is not None else None
+    return folder if row is not None and row.get("key") == key else None
 
 
 def _copy_step(src: Path, dst: Path) -> None:

@@ -58,13 +58,12 @@ from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, OPSETS
 from squeeze.compress.passes import REGISTRY, PassConfig
-from squeeze.compress.recipe_yaml import Positions, compose, fmt_path
+from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose
 
 EXPORT = "export"
 Scalar = Union[bool, int, float, str]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$"  # job names become folder names
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-MAX_ERRORS = 12
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +245,7 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", base_dir: Path | None
                  check_refs: bool = True) -> Recipe:
     """Validate recipe text; relative paths resolve against ``base_dir``."""
     data, pos = compose(text, filename)
-    errors = _Errors(filename, pos)
+    errors = Errors(filename, pos)
     try:
         top = RecipeFile.model_validate(data)
     except ValidationError as exc:
@@ -262,7 +261,7 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", base_dir: Path | None
     for r, raw_job in enumerate(top.jobs):
         raw = _merge(top.defaults, raw_job)
         raw_matrix = raw.pop("matrix", None) or {}
-        src = _Source(r, raw_job, top.defaults)
+        src = Source(r, raw_job, top.defaults)
         try:
             matrix = Matrix.validate_python(raw_matrix)
         except ValidationError as exc:
@@ -283,7 +282,7 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", base_dir: Path | None
                 job = Job.model_validate(resolved)
             except ValidationError as exc:
                 for e in exc.errors():
-                    loc = _clean_loc(e["loc"])
+                    loc = clean_loc(e["loc"])
                     tag = _unknown_tag(e)
                     if tag is not None:
                         loc = (*loc, tag)
@@ -321,7 +320,7 @@ def _points(matrix: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(matrix[k] for k in keys))]
 
 
-def _substitute(value: Any, point: dict, path: tuple, used: set, errors: "_Errors", src: "_Source") -> Any:
+def _substitute(value: Any, point: dict, path: tuple, used: set, errors: "Errors", src: "Source") -> Any:
     if isinstance(value, dict):
         return {k: _substitute(v, point, (*path, k), used, errors, src) for k, v in value.items()}
     if isinstance(value, list):
@@ -391,7 +390,7 @@ def model_refs(config: PassConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_job(job: JobBase, src: "_Source", errors: "_Errors", point: dict, check_refs: bool) -> None:
+def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_refs: bool) -> None:
     kinds = step_classes()
     n = len(job.steps)
     for i, step in enumerate(job.steps):
@@ -432,49 +431,8 @@ def _missing(ref: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Errors with locations
+# Error messages (locations and lines: recipe_yaml.Errors)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Source:
-    """Where a resolved job's values were written: the job itself, else defaults."""
-
-    index: int
-    job: dict
-    defaults: dict
-
-    def loc(self, loc: tuple) -> tuple:
-        if _has(self.job, loc) or not _has(self.defaults, loc) and _depth(self.job, loc) >= _depth(self.defaults, loc):
-            return ("jobs", self.index, *loc)
-        return ("defaults", *loc)
-
-
-def _has(data: Any, loc: tuple) -> bool:
-    return _depth(data, loc) == len(loc)
-
-
-def _depth(data: Any, loc: tuple) -> int:
-    for d, key in enumerate(loc):
-        if isinstance(data, dict) and key in data:
-            data = data[key]
-        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
-            data = data[key]
-        elif isinstance(data, dict) and len(data) == 1 and key in (next(iter(data)),):
-            data = data[key]
-        else:
-            return d
-    return len(loc)
-
-
-def _clean_loc(loc: tuple) -> tuple:
-    """Drop the discriminator tag pydantic repeats: steps.0.prune.prune.x -> steps.0.prune.x."""
-    out: list = []
-    for part in loc:
-        if out and isinstance(part, str) and part == out[-1] and len(out) >= 2 and out[-3:-2] == ["steps"]:
-            continue
-        out.append(part)
-    return tuple(out)
 
 
 def _unknown_tag(e: dict) -> str | None:
@@ -499,37 +457,8 @@ def _message(e: dict) -> str:
         return "unknown key (a typo?)"
     if kind == "step_shape" and isinstance(e.get("input"), dict):
         return f"a step is a one-key mapping such as `prune: {{drop_attn: 0.5}}`, got keys {', '.join(map(str, e['input']))}"
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")
     inp = e.get("input")
-    if isinstance(inp, (str, int, float, bool)) and kind != "missing":
+    if isinstance(inp, (str, int, float, bool)) and kind not in ("missing", "value_error") and repr(inp) not in msg:
         msg += f" (got {inp!r})"
     return msg
-
-
-class _Errors:
-    """Problems found so far; one matrix point's problem names the point, a shared one does not."""
-
-    def __init__(self, filename: str, pos: Positions):
-        self.filename, self.pos = filename, pos
-        self.found: dict[tuple[str, str], list[str]] = {}
-
-    def add(self, loc: tuple, message: str, point: dict | None = None) -> None:
-        loc = tuple(loc)
-        line = self.pos.line(loc)
-        where = f"{self.filename}:{line}" if line else self.filename
-        points = self.found.setdefault((f"{where}: {fmt_path(loc)}", message), [])
-        if point:
-            points.append(", ".join(f"{k}={v}" for k, v in point.items()))
-
-    @property
-    def items(self) -> list[str]:
-        return [f"{head}{f' [{pts[0]}]' if len(pts) == 1 else ''}: {msg}" for (head, msg), pts in self.found.items()]
-
-    def raise_if_any(self) -> None:
-        if not self.found:
-            return
-        if len(self.items) == 1:
-            raise SqueezeError(self.items[0])
-        shown = self.items[:MAX_ERRORS]
-        more = f"\n  ... and {len(self.items) - MAX_ERRORS} more" if len(self.items) > MAX_ERRORS else ""
-        raise SqueezeError(f"{len(self.items)} problems in the recipe:\n  " + "\n  ".join(shown) + more)

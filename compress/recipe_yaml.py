@@ -8,6 +8,7 @@ Duplicate keys are errors (PyYAML would silently keep the last one, hiding a typ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -16,6 +17,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from squeeze.compress.errors import SqueezeError
 
 Path_ = tuple  # a location: ("jobs", 1, "steps", 0, "prune", "drop_attn")
+MAX_ERRORS = 12
 
 
 class Positions:
@@ -90,3 +92,78 @@ def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: invalid value ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Errors that name the file, the line and the location
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """Where a resolved job's values were written: the job itself, else defaults."""
+
+    index: int
+    job: dict
+    defaults: dict
+
+    def loc(self, loc: tuple) -> tuple:
+        if has_path(self.job, loc) or not has_path(self.defaults, loc) and path_depth(self.job, loc) >= path_depth(self.defaults, loc):
+            return ("jobs", self.index, *loc)
+        return ("defaults", *loc)
+
+
+def has_path(data: Any, loc: tuple) -> bool:
+    return path_depth(data, loc) == len(loc)
+
+
+def path_depth(data: Any, loc: tuple) -> int:
+    for d, key in enumerate(loc):
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+            data = data[key]
+        elif isinstance(data, dict) and len(data) == 1 and key in (next(iter(data)),):
+            data = data[key]
+        else:
+            return d
+    return len(loc)
+
+
+def clean_loc(loc: tuple) -> tuple:
+    """Drop the discriminator tag pydantic repeats: steps.0.prune.prune.x -> steps.0.prune.x."""
+    out: list = []
+    for part in loc:
+        if out and isinstance(part, str) and part == out[-1] and len(out) >= 2 and out[-3:-2] == ["steps"]:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+class Errors:
+    """Problems found so far; one matrix point's problem names the point, a shared one does not."""
+
+    def __init__(self, filename: str, pos: Positions):
+        self.filename, self.pos = filename, pos
+        self.found: dict[tuple[str, str], list[str]] = {}
+
+    def add(self, loc: tuple, message: str, point: dict | None = None) -> None:
+        loc = tuple(loc)
+        line = self.pos.line(loc)
+        where = f"{self.filename}:{line}" if line else self.filename
+        points = self.found.setdefault((f"{where}: {fmt_path(loc)}", message), [])
+        if point:
+            points.append(", ".join(f"{k}={v}" for k, v in point.items()))
+
+    @property
+    def items(self) -> list[str]:
+        return [f"{head}{f' [{pts[0]}]' if len(pts) == 1 else ''}: {msg}" for (head, msg), pts in self.found.items()]
+
+    def raise_if_any(self) -> None:
+        if not self.found:
+            return
+        if len(self.items) == 1:
+            raise SqueezeError(self.items[0])
+        shown = self.items[:MAX_ERRORS]
+        more = f"\n  ... and {len(self.items) - MAX_ERRORS} more" if len(self.items) > MAX_ERRORS else ""
+        raise SqueezeError(f"{len(self.items)} problems in the recipe:\n  " + "\n  ".join(shown) + more)

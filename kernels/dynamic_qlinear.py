@@ -41,8 +41,18 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 def reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., in) float; qweight (out, in) int8; w_scale, w_zero (out,); bias (out,) or None."""
+    return compute(x, centered_weight(qweight, w_zero), w_scale, bias)
+
+
+def centered_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
+    """(qweight - w_zero) as float: integer-valued, what MatMulInteger multiplies by."""
+    return qweight.float() - w_zero.float()[:, None]
+
+
+def compute(x: torch.Tensor, w_centered: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The arithmetic of :func:`reference` given the centered weight (modules cache it)."""
     q, scale, zero = dynamic_quantize_u8(x)
-    acc = (q - zero) @ (qweight.float() - w_zero.float()[:, None]).t()  # integer-valued
+    acc = torch.nn.functional.linear(q - zero, w_centered)  # integer-valued
     y = acc * (scale * w_scale)
     return y + bias if bias is not None else y
 

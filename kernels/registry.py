@@ -29,11 +29,18 @@ from typing import Any, Iterator
 import onnx
 import torch
 
-from squeeze.kernels import dequant_linear, dynamic_qlinear, logsqrt2_softmax, quant_dequant
+from squeeze.kernels import dequant_linear, dynamic_qlinear, logsqrt2_softmax, quant_dequant, static_qlinear
 from squeeze.kernels.base import DOMAIN, DOMAIN_VERSION, Kernel
 
 KERNELS: dict[str, Kernel] = {
-    k.name: k for k in (logsqrt2_softmax.KERNEL, dynamic_qlinear.KERNEL, dequant_linear.KERNEL, quant_dequant.KERNEL)
+    k.name: k
+    for k in (
+        logsqrt2_softmax.KERNEL,
+        dynamic_qlinear.KERNEL,
+        static_qlinear.KERNEL,
+        dequant_linear.KERNEL,
+        quant_dequant.KERNEL,
+    )
 }
 
 

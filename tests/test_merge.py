@@ -217,6 +217,7 @@ def _refusal_cases(experts, tiny_dirs, root):
     vit5 = _expert("vit", tiny_dirs, root / "vit5", seed=1, num_labels=5, **vit_cls)
     vit10b = _expert("vit", tiny_dirs, root / "vit10b", seed=1, num_labels=10, **vit_cls)
     vit10c = _expert("vit", tiny_dirs, root / "vit10c", seed=2, num_labels=10, **vit_cls)
+    named = _expert("vit", tiny_dirs, root / "named", seed=3, id2label={i: f"digit {i}" for i in range(10)}, **vit_cls)
     for folder, mean in ((vit10b, 0.5), (vit10, 0.4)):
         (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [mean] * 3, "size": {"height": 16, "width": 16}}))
     cls = _expert("bert", tiny_dirs, root / "bert_cls", seed=1, architectures=["BertForSequenceClassification"])
@@ -229,6 +230,7 @@ def _refusal_cases(experts, tiny_dirs, root):
         "no_tokenizer": ([llama_a, no_tok], [], ["no tokenizer"]),
         "num_labels": ([vit10, vit5], [], ["num_labels", "10", "5"]),
         "image_processor": ([vit10, vit10b], [], ["image processors", "image_mean"]),
+        "label_names": ([vit10c, named], [], ["label names (id2label)"]),
         "vit_head_vs_headless": ([vit10c, experts["vit"][0]], [], ["logits", "hidden states"]),
         "one_model": ([llama_a], [], ["at least two"]),
         "weights_count": ([llama_a, experts["llama"][1]], ["--weights", "1,1,1"], ["3 values for 2 models"]),

@@ -201,3 +201,26 @@ def test_every_recipe_runs(path, recipe_copy, tmp_path, capsys):
         for r in job["rows"][1:]:
             assert r["fidelity"]["cos_mean"] > 0
             assert (r["latency_ms"] is not None) == (r["pass"] == "export")
+
+
+def test_progress_reaches_the_reporter_and_stays_quiet_off_a_terminal(tmp_path, tiny_dirs, toys, capsys):
+    path = _recipe(tmp_path, tiny_dirs["vit"], "      - toy_scale: {factor: 2.0}\n      - toy_cal\n")
+    events = []
+
+    class Recorder(pipeline.Reporter):
+        def job_start(self, index, total, job):
+            events.append(("job", index, total))
+
+        def step_start(self, job, index, total, name, cached):
+            events.append(("step", index, total, name))
+
+        def progress(self, label, done, total):
+            events.append((label, done, total))
+
+    pipeline.run(load_recipe(path), tmp_path / "out", reporter=Recorder())
+    assert events[:2] == [("job", 0, 1), ("step", 1, 2, "toy_scale")]
+    assert ("toy layers", 4, 4) in events  # the pass's inner loop (4 layers)
+    assert events[-1] == ("step", 2, 2, "toy_cal")
+    assert main(["run", str(path), "-o", str(tmp_path / "out2")]) == 0
+    printed = capsys.readouterr().out
+    assert "toy layers" not in printed and "step toy_scale" not in printed  # no bars off a terminal

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # Probe tokens for the output-shape check, and corpus lines for the tokenizer check.
 _PROBE_LEN = 4
 _SAMPLE_TEXTS = 8
+_KIND = {"logits": "logits (it has a head)", "last_hidden_state": "hidden states (no head)"}
 
 
 def _name(i: int, names: list[str] | None) -> str:
@@ -103,11 +104,8 @@ def check_models(models: list[nn.Module], names: list[str] | None = None) -> tup
     kind = sigs[0][0]
     for i, (k, _) in enumerate(sigs[1:], 1):
         if k != kind:
-            def what(x: str) -> str:
-                return "logits (it has a head)" if x == "logits" else "hidden states (no head)"
-
             raise SqueezeError(
-                f"cannot merge: {_name(0, names)} outputs {what(kind)} but {_name(i, names)} outputs {what(k)}"
+                f"cannot merge: {_name(0, names)} outputs {_KIND[kind]} but {_name(i, names)} outputs {_KIND[k]}"
             )
     facts = [_config_facts(m, family, kind) for m in models]
     for i in range(1, len(models)):
@@ -134,6 +132,7 @@ def _tokenizer_facts(tok) -> dict[str, Any]:
 
     special = {k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items())
                if isinstance(v, str)}
+    special["(all special tokens)"] = sorted(tok.all_special_tokens)
     sample = builtin_corpus()[:_SAMPLE_TEXTS]
     return {
         "vocabulary (token -> id map)": tok.get_vocab(),

@@ -1,0 +1,103 @@
+"""Quantized attention, plugged in through transformers' attention-function interface.
+
+With static activations the matmuls inside attention get quantized inputs too: Q, K and V per
+tensor (uniform, ``quant_dequant``) and the softmax probabilities with the log-sqrt2 quantizer
+(``squeeze::LogSqrt2Softmax``, kept as one node in the ONNX graph) - or, for the plain
+baselines, a uniform quantizer over [0, max]. The attention scores (QK^T plus the additive
+mask) stay float: the mask holds -3.4e38 at padded positions, which is why naive static QDQ of
+BERT collapses (cosine 0.33); nothing in squeeze ever quantizes it.
+
+Each attention module that receives the call (the one owning q/k/v, see
+``Family.attention_core``) gets an :class:`AttnQuant` child holding its scales. The function is
+registered under :data:`NAME` by ``Family.use_attention_function``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import squeeze.kernels.registry  # noqa: F401  (registers the torch.ops.squeeze operators)
+from squeeze.kernels.logsqrt2_softmax import search_scale
+from squeeze.compress.quant.uniform import Grid, params_from_range, search_range, minmax_range
+
+NAME = "squeeze_quant"
+CHILD = "squeeze_quant"  # attribute name of the AttnQuant child on the attention module
+
+
+class AttnQuant(nn.Module):
+    """Quantizer state of one attention module (buffers: what the checkpoint stores)."""
+
+    def __init__(self, bits: int, softmax: str):
+        super().__init__()
+        self.bits, self.softmax = bits, softmax  # softmax: "logsqrt2" | "uniform"
+        for name in ("q", "k", "v", "p"):
+            self.register_buffer(f"{name}_scale", torch.ones(()))
+            self.register_buffer(f"{name}_zero", torch.zeros((), dtype=torch.uint8))
+        self.observing = False
+        self.seen: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, name: str, t: torch.Tensor, max_values: int = 1 << 20) -> None:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // max_values)
+        self.seen.setdefault(name, []).append(flat[::step].float())
+
+    def calibrate(self, method: str) -> None:
+        """Set every scale from what :meth:`observe` recorded, then forget it."""
+        grid = Grid(self.bits, symmetric=False)
+        with torch.no_grad():
+            for name in ("q", "k", "v"):
+                x = torch.cat(self.seen[name])
+                lo, hi = search_range(x, grid) if method != "minmax" else minmax_range(x)
+                s, z = params_from_range(lo, hi, grid)
+                getattr(self, f"{name}_scale").copy_(s)
+                getattr(self, f"{name}_zero").copy_(z.to(torch.uint8))
+            p = torch.cat(self.seen["p"])
+            if self.softmax == "logsqrt2":
+                self.p_scale.fill_(search_scale(p, self.bits))
+            else:
+                lo, hi = search_range(p, grid) if method != "minmax" else minmax_range(p)
+                s, z = params_from_range(torch.zeros(()), hi, grid)
+                self.p_scale.copy_(s)
+                self.p_zero.copy_(z.to(torch.uint8))
+        self.seen = {}
+        self.observing = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, softmax={self.softmax}"
+
+
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with quantized operands. q, k, v: (B, H, T, D) (k, v may have fewer heads)."""
+    st: AttnQuant | None = getattr(module, CHILD, None)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each k/v head
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    ops = torch.ops.squeeze
+    quantize = st is not None and not st.observing
+    if st is not None and st.observing:
+        for name, t in (("q", query), ("k", key), ("v", value)):
+            st.observe(name, t)
+    if quantize:
+        query = ops.quant_dequant(query, st.q_scale, st.q_zero, st.bits)
+        key = ops.quant_dequant(key, st.k_scale, st.k_zero, st.bits)
+        value = ops.quant_dequant(value, st.v_scale, st.v_zero, st.bits)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S), float
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if quantize and st.softmax == "logsqrt2":
+        probs = ops.logsqrt2_softmax(scores, st.p_scale, st.bits)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        if st is not None and st.observing:
+            st.observe("p", probs)
+        if quantize:
+            probs = ops.quant_dequant(probs, st.p_scale, st.p_zero, st.bits)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, H, D)
+    return out, probs
