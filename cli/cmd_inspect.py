@@ -31,8 +31,14 @@ def inspect(
     t.add_row("size on disk", fmt_bytes(info["bytes_on_disk"]))
     t.add_row("sha256 (base)", info["sha256"][:16])
     for i, edit in enumerate(info["edits"]):
-        t.add_row(f"edit {i}", f"{edit['pass']} {edit['config']} -> {edit['result']}")
+        t.add_row(f"edit {i}", f"{edit['pass']} {_short(edit['config'])} -> {_short(edit['result'])}")
     console.print(t)
+
+
+def _short(value: object, limit: int = 160) -> str:
+    """One edit's config or result on one line (merged experts carry whole configs)."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "... (--json for all)"
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ from tiny import build_tiny
 from squeeze.cli.main import main
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.checkpoint import load
+from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.passes import PassContext, get_pass, run_pass
 from squeeze.compress.passes.logit_merge import HEADLESS_NOTE, MergeConfig, MergedModel
@@ -304,3 +305,12 @@ jobs:
     capsys.readouterr()
     assert main(["run", str(recipe), "-o", str(tmp_path / "bad")]) == 2
     assert "3 weights for 2 experts" in capsys.readouterr().err
+
+
+def test_single_model_pass_on_merged_model_is_refused(experts):
+    """prune after merge would change only expert 0: refused with advice, not done silently."""
+    a, b = (load(p) for p in experts["bert"])
+    merged = _merge([a, b])
+    prune = get_pass("prune")
+    with pytest.raises(SqueezeError, match="compress the experts first"):
+        run_pass(prune(drop_attn=1), [merged], PassContext(family=merged.family, calibration=EVAL))

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 
 if TYPE_CHECKING:
@@ -188,6 +189,11 @@ def run_pass(
     first = inputs[0]
     ctx.checkpoint = first
     ctx.inputs = list(inputs)
+    if getattr(first.model, "is_merged", False) and not pass_.multi_model:
+        raise SqueezeError(
+            f"{pass_.name} cannot run on a merged model (it would change only the first expert); "
+            "compress the experts first, then merge"
+        )
     pass_.check(first.family, [c.model for c in inputs])
     params_before, bytes_before = count_params(first.model), model_bytes(first.model)
     ref = reference_outputs(first.model, first.family, ctx.eval_batches()) if measure_fidelity else None

@@ -75,6 +75,9 @@ class MergedModel(nn.Module):
         output: ``"logits"`` or ``"last_hidden_state"``, what is averaged.
     """
 
+    #: run_pass refuses single-model passes on a merged model (they would touch expert 0 only)
+    is_merged = True
+
     def __init__(self, experts: list[nn.Module], weights: list[float], output: str = "logits"):
         super().__init__()
         if len(experts) != len(weights):
