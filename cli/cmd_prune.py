@@ -116,10 +116,12 @@ def prune(
 
     source = load(ckpt, trust_pickle=trust_pickle)
     pass_ = PrunePass(cfg)
-    pass_.check(source.family, [source.model])  # bad counts / indices / options fail before any work
     with progress() as bar:
         ctx = PassContext(family=source.family, checkpoint=source, calibration=spec, progress=bar)
-        if dry_run:
+        if dry_run:  # run_pass's own checks, then scores only
+            if getattr(source.model, "is_merged", False):
+                raise SqueezeError("prune cannot run on a merged model; prune the experts first, then merge")
+            pass_.check(source.family, [source.model])
             result = pass_.plan(source.model, ctx).result()
             report = None
         else:

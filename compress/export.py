@@ -217,10 +217,14 @@ def export_onnx(
         report["custom_ops"] = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
 
         session = ort_session(tmp)
+        # The exporter drops inputs the graph never reads (e.g. attention_mask once every
+        # attention layer is pruned): feed only what the graph declares.
+        graph_inputs = [i.name for i in session.get_inputs()]
+        report["inputs"] = graph_inputs
         checks = []
         ort_outputs = []
         for inp in inputs:
-            got = session.run(None, {n: inp[n].numpy() for n in names})[0]
+            got = session.run(None, {n: inp[n].numpy() for n in graph_inputs})[0]
             ort_outputs.append(got)
             with torch.no_grad():
                 want = wrapper(*(inp[n] for n in names)).float().numpy()
@@ -231,7 +235,7 @@ def export_onnx(
         if reference is not None:
             report["fidelity_vs_reference"] = _fidelity(reference, inputs, names, ort_outputs, output)
         if latency:
-            feeds = {n: inputs[0][n].numpy() for n in names}
+            feeds = {n: inputs[0][n].numpy() for n in graph_inputs}
             report["latency_ms"] = round(ort_latency_ms(session, feeds, warmup=3, runs=10), 3)
         if target == "tensorrt":
             report["tensorrt"] = tensorrt_readiness(proto)

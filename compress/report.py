@@ -100,7 +100,9 @@ def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 "cached" if r.get("cached") else "",
             ])
         if j["status"] != "ok":
-            cells.append([j["job"], f"{j.get('failed_step')} FAILED", *[""] * (len(cols) - 3), j.get("error") or ""])
+            error = " ".join((j.get("error") or "").split())
+            cells.append([j["job"], f"{j.get('failed_step')} FAILED", *[""] * (len(cols) - 3),
+                          error if len(error) <= 70 else error[:67] + "..."])  # in full below the table
     return cols, cells
 
 

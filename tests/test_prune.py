@@ -127,7 +127,10 @@ def test_layer_by_layer_scores_equal_full_forward(tiny_dirs, name):
     full model's hidden states, with padding masked (BERT batches are padded)."""
     ckpt = ck.load(tiny_dirs[name])
     fam = ckpt.family
-    batches = _ctx(ckpt).calib_batches()
+    spec = SPEC.model_copy(update={"seq_len": 128})  # long enough that BERT rows are padded
+    batches = PassContext(family=fam, checkpoint=ckpt, calibration=spec).calib_batches()
+    if name == "bert":
+        assert not all(bool(b["attention_mask"].all()) for b in batches)
     scores = layer_scores(ckpt.model, fam, batches, span=2)
     sums = torch.zeros(fam.num_layers(ckpt.model) + 1, dtype=torch.float64)
     span = torch.zeros_like(sums)
@@ -282,6 +285,17 @@ def test_pruned_exports_validate(tiny, tmp_path, kw):
     if "attn_layers" in kw:  # and through the CLI, from the saved folder
         out = ck.save(new, tmp_path / "pruned")
         assert main(["export", str(out), "-o", str(tmp_path / "cli.onnx")]) == 0
+
+
+def test_export_with_every_attention_dropped(tiny_dirs, tmp_path):
+    """With no attention left BERT never reads attention_mask: the graph loses that input and
+    validation must feed only what the graph declares."""
+    from squeeze.compress.export import export_onnx
+
+    ckpt = ck.load(tiny_dirs["bert"])
+    new = run_pass(PrunePass(drop_attn=1.0), [ckpt], _ctx(ckpt), measure_fidelity=False)
+    report = export_onnx(new, tmp_path / "m.onnx", latency=False)
+    assert report["ok"] and "attention_mask" not in report["inputs"]
 
 
 # --------------------------------------------------------------------------------------------

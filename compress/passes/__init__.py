@@ -7,10 +7,12 @@ from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassReport, run_pass
 from squeeze.compress.passes.drop import PrunePass
 from squeeze.compress.passes.logit_merge import LogitMerge
+from squeeze.compress.passes.quantize import QuantizePass
 
 REGISTRY: dict[str, type[Pass]] = {
     "prune": PrunePass,
     "merge": LogitMerge,
+    "quantize": QuantizePass,
 }
 
 

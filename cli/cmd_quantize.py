@@ -1,0 +1,87 @@
+"""``squeeze quantize``: post-training quantization (RepQuant / RepQ-ViT, BCT, plain baselines).
+
+    squeeze quantize CKPT -o OUT                                   # int8 weights, ORT dynamic activations
+    squeeze quantize CKPT -o OUT --activations int8 --calib data.txt   # static QDQ (TensorRT, edge)
+    squeeze quantize CKPT -o OUT --weights int4 --activations none     # weight-only
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from squeeze.cli.common import (CalibOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
+                                print_json, progress, report_table)
+from squeeze.compress.errors import SqueezeError
+
+
+def _config(**kw):
+    from pydantic import ValidationError
+
+    from squeeze.compress.passes.quantize import QuantizeConfig
+
+    try:
+        return QuantizeConfig(**kw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        flag = f"--{where.replace('_', '-')}" if where else "quantize"
+        raise SqueezeError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def quantize(
+    ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (written atomically)."),
+    weights: str = typer.Option("int8", "--weights", help="Weight bits: int8, int6, int4 (int2..int16)."),
+    activations: str = typer.Option("dynamic", "--activations",
+                                    help="dynamic (ORT picks them at run time), int8 / int6 / int4 (static, calibrated), or none."),
+    method: str = typer.Option("repquant", "--method", help="repquant, minmax, percentile or bct."),
+    gptq: bool = typer.Option(True, "--gptq/--no-gptq", help="repquant: GPTQ weight rounding (else round to nearest)."),
+    block_size: int = typer.Option(64, "--block-size", help="bct: channels per block."),
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Quantize embedding tables (uint8)."),
+    clip_steps: int = typer.Option(100, "--clip-steps", help="repquant static: dual-clipping optimisation steps."),
+    calib: str = CalibOpt,
+    samples: int = SamplesOpt,
+    seq_len: int = SeqLenOpt,
+    force: bool = ForceOpt,
+    trust_pickle: bool = TrustPickleOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Quantize weights (and activations) post-training; writes integer weights + scales."""
+    cfg = _config(weights=weights, activations=activations, method=method, gptq=gptq, block_size=block_size,
+                  embeddings=embeddings, clip_steps=clip_steps)
+    if output.exists() and not force:
+        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
+    spec = data_spec(calib, samples, seq_len)
+
+    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.passes import PassContext, run_pass
+    from squeeze.compress.passes.quantize import QuantizePass
+
+    model = load(ckpt, trust_pickle=trust_pickle)
+    pass_ = QuantizePass(cfg)
+    pass_.check(model.family, [model.model])
+    with progress() as bar:
+        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
+        pass_.check_data(ctx)  # before the reference outputs are computed
+        new = run_pass(pass_, [model], ctx)
+    save(new, output, force=force)
+    report = new.manifest.ledger[-1]
+    if as_json:
+        print_json({"report": report, "output": str(output)})
+        return
+    console.print(report_table(report))
+    scheme = report["metrics"]["scheme"]
+    console.print(f"weights int{scheme['weights']} ({'GPTQ' if scheme['gptq'] else 'round to nearest'}), "
+                  f"activations {scheme['activations']}"
+                  + (f" int{scheme['activation_bits']}" if scheme["activations"] in ("static", "block") else "")
+                  + f", method {scheme['method']}: {report['metrics']['quantized_linears']} linears, "
+                  f"{report['metrics']['quantized_embeddings']} embedding tables")
+    for note in report["metrics"].get("notes", []):
+        console.print(f"  - {note}")
+    console.print(f"wrote {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize)
