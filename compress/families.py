@@ -171,9 +171,15 @@ class Family:
         return _get(model, self.head)
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Module]:
-        """Every linear of one layer by role name (``mlp_in`` expands to ``mlp_in.0`` ...)."""
+        """Every linear of one layer by role name (``mlp_in`` expands to ``mlp_in.0`` ...).
+
+        The linears of a skipped (pruned) sublayer no longer exist and are not listed.
+        """
         out: dict[str, nn.Module] = {}
+        skipped = {w for w in ("attn", "mlp") if self.is_skipped(layer, w)}
         for role in ("q", "k", "v", "qkv", "attn_out", "mlp_in", "mlp_out"):
+            if ("mlp" if role.startswith("mlp") else "attn") in skipped:
+                continue
             mod = self.role(layer, role)
             if mod is None:
                 continue

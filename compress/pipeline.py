@@ -43,22 +43,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from squeeze.compress.calibration import Batch, DataSpec, batches
-from squeeze.compress.checkpoint import Checkpoint, atomic_dir, atomic_file, load, resolve, save, squeeze_version, weight_files
-from squeeze.compress.errors import SqueezeError, ValidationFailed
-from squeeze.compress.evaluate import PeakMemory, Reference, compare_outputs, reference_outputs
-from squeeze.compress.passes import PassConfig, PassContext, get_pass, run_pass
-from squeeze.compress.passes.base import ProgressFn, count_params
+from squeeze.compress.calibration import DataSpec
+from squeeze.compress.checkpoint import Checkpoint, atomic_dir, load, resolve, squeeze_version, weight_files
+from squeeze.compress.errors import SqueezeError
+from squeeze.compress.passes import PassConfig
+from squeeze.compress.pipeline_steps import (ONNX_NAME, ORIGINAL_FILE, STEP_FILE, JobState, export_step, pass_step,
+                                             read_step, write_json)
 from squeeze.compress.recipe import EXPORT, JobBase, Recipe, model_refs
 
 log = logging.getLogger(__name__)
 
-STEP_FILE = "step.json"
-ORIGINAL_FILE = "original.json"
-ONNX_NAME = "model.onnx"
 #: manifest / ledger fields that measure one execution and so differ between two runs
 VOLATILE = ("seconds", "peak_mem_mb")
 _STEP_DIR = re.compile(r"^\d\d-[A-Za-z0-9_]+$")
@@ -161,13 +155,6 @@ def step_key(input_key: str, name: str, config: PassConfig, job: JobBase) -> str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def read_step(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / STEP_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def plan(recipe: Recipe, out: str | Path, *, fresh: bool = False) -> list[JobPlan]:
     """Each job's steps with their keys and folders, and which are already finished."""
     out = Path(out)
@@ -216,55 +203,10 @@ def _finished_steps(out: Path) -> dict[str, Path]:
     return found
 
 
-class _Job:
-    """What a job computes at most once, and only when a step has to run."""
-
-    def __init__(self, jp: JobPlan, rep: Reporter):
-        self.jp, self.job, self.rep = jp, jp.job, rep
-        self.spec = data_spec(jp.job)
-        self._ref: Reference | None = None
-        self.original: Checkpoint | None = None
-
-    def load_original(self) -> Checkpoint:
-        if self.original is None:
-            self.original = load(self.job.model, trust_pickle=self.job.trust_pickle)
-        return self.original
-
-    @property
-    def reference(self) -> Reference:
-        """The original model's outputs on the evaluation data (computed once per job)."""
-        if self._ref is None:
-            orig = self.load_original()
-            evals = batches(orig, self.spec.for_eval(), split="eval", warn=log.info)
-            self._ref = reference_outputs(orig.model, orig.family, evals)
-        return self._ref
-
-    def fidelity(self, model: torch.nn.Module) -> dict[str, float]:
-        ref = self.reference
-        return compare_outputs(ref, reference_outputs(model, ref.family, ref.batches))
-
-    def original_row(self) -> dict[str, Any]:
-        path = self.jp.folder / ORIGINAL_FILE
-        try:
-            row = json.loads(path.read_text())
-            if row.get("key") == self.jp.original_key:
-                return row
-        except (OSError, json.JSONDecodeError):
-            pass
-        orig = self.load_original()
-        row = {"job": self.job.name, "step": 0, "pass": "original", "key": self.jp.original_key,
-               "folder": self.job.model, "params": count_params(orig.model),
-               "bytes": sum(f.stat().st_size for f in weight_files(resolve(self.job.model))[0]),
-               "fidelity": {}, "latency_ms": None, "seconds": 0.0, "peak_mem_mb": None, "warnings": []}
-        self.jp.folder.mkdir(parents=True, exist_ok=True)
-        _write_json(path, row)
-        return row
-
-
 def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> JobResult:
     job = jp.job
     res = JobResult(job=job.name, model=job.model, point=dict(job.point), status="ok")
-    state = _Job(jp, rep)
+    state = JobState(jp, rep)
     current: Checkpoint | None = None  # the last step's output, loaded from its folder
     step: StepPlan | None = None
     try:
@@ -285,14 +227,14 @@ def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> J
                     current = load(prev) if prev is not None else state.load_original()
                 start = time.perf_counter()
                 if step.name == EXPORT:
-                    body = _export_step(current, step, state)
+                    body = export_step(current, step, state)
                     current = None
                 else:
-                    body, current = _pass_step(current, step, state)
+                    body, current = pass_step(current, step, state)
                 row = {"job": job.name, "step": step.index, "pass": step.name, **body, "key": step.key,
                        "folder": _rel(step.folder, out), "seconds": round(time.perf_counter() - start, 3),
                        "cached": False}
-                _write_json(step.folder / STEP_FILE, row)
+                write_json(step.folder / STEP_FILE, row)
                 known[step.key] = step.folder
             res.rows.append(row)
             rep.step_done(job, row)
@@ -303,108 +245,6 @@ def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> J
         res.error = str(exc) if isinstance(exc, SqueezeError) else f"{type(exc).__name__}: {exc}"
         log.debug("job %s failed", job.name, exc_info=True)
     return res
-
-
-def _pass_step(inp: Checkpoint, step: StepPlan, state: _Job) -> tuple[dict[str, Any], Checkpoint]:
-    job = state.job
-    pass_cls = get_pass(step.name)
-    extra = [load(r, trust_pickle=job.trust_pickle) for r in model_refs(step.config)]
-    ctx = PassContext(family=inp.family, calibration=state.spec, seed=job.seed, progress=state.rep.progress)
-    torch.manual_seed(job.seed)
-    new = run_pass(pass_cls(step.config), [inp, *extra], ctx)
-    ledger = dict(new.manifest.ledger[-1])
-    save(new, step.folder, force=True)
-    # save() copies the input folder's side files, the previous step's mark among them
-    (step.folder / STEP_FILE).unlink(missing_ok=True)
-    del new, extra
-    result = load(step.folder)  # what the next step reads, also in an uninterrupted run
-    row = {
-        "config": step.config.model_dump(mode="json", by_alias=True),
-        "params": count_params(result.model),
-        "bytes": sum(f.stat().st_size for f in weight_files(step.folder)[0]),
-        "fidelity": state.fidelity(result.model),
-        "fidelity_step": ledger.get("fidelity", {}),
-        "latency_ms": None,
-        "pass_seconds": ledger.get("seconds"),
-        "peak_mem_mb": ledger.get("peak_mem_mb"),
-        "warnings": ledger.get("warnings", []),
-        "metrics": ledger.get("metrics", {}),
-    }
-    return row, result
-
-
-def _export_step(inp: Checkpoint, step: StepPlan, state: _Job) -> dict[str, Any]:
-    from squeeze.compress.evaluate import ort_latency_ms, ort_session
-    from squeeze.compress.export import export_onnx
-
-    cfg = step.config.model_dump()
-    latency = cfg.pop("latency", True)
-    lat_batch, lat_seq = cfg.pop("latency_batch", 1), cfg.pop("latency_seq_len", 128)
-    rejected = step.folder.with_name(step.folder.name + ".rejected")
-    with PeakMemory() as mem:
-        with atomic_dir(step.folder, force=True) as tmp:
-            try:
-                report = export_onnx(inp, tmp / ONNX_NAME, data=state.spec, latency=False, force=True, **cfg)
-            except ValidationFailed as exc:  # keep the evidence, not under the step's name
-                shutil.rmtree(rejected, ignore_errors=True)
-                shutil.copytree(tmp, rejected)
-                raise ValidationFailed(str(exc).replace(str(tmp), str(rejected))) from None
-        shutil.rmtree(rejected, ignore_errors=True)
-        path = step.folder / ONNX_NAME
-        session = ort_session(path)
-        fidelity = _onnx_fidelity(session, state, report["outputs"][0])
-        lat = ort_latency_ms(session, _latency_feeds(session, inp, lat_batch, lat_seq)) if latency else None
-    return {
-        "config": step.config.model_dump(mode="json", by_alias=True),
-        "params": count_params(inp.model),
-        "bytes": sum(f.stat().st_size for f in step.folder.iterdir() if f.suffix in (".onnx", ".data")),
-        "fidelity": fidelity,
-        "fidelity_step": {"validation_max_abs": max(c["max_abs"] for c in report["validation"])},
-        "latency_ms": round(lat, 3) if lat is not None else None,
-        "latency_shape": [lat_batch, lat_seq] if latency else None,
-        "pass_seconds": report.get("export_seconds"),
-        "peak_mem_mb": round(mem.peak_mb, 1),
-        "warnings": [],
-        "metrics": {"custom_ops": report.get("custom_ops", [])},
-    }
-
-
-def _onnx_fidelity(session, state: _Job, output: str) -> dict[str, float]:
-    """The exported graph, run by ONNX Runtime, against the job's original model."""
-    ref = state.reference
-    names = [i.name for i in session.get_inputs()]
-    outs = []
-    for b in ref.batches:
-        feeds = {n: _feed(b, n) for n in names}
-        outs.append({next(iter(ref.outputs[0])): torch.from_numpy(session.run([output], feeds)[0]).float()})
-    return compare_outputs(ref, Reference(family=ref.family, outputs=outs, batches=ref.batches))
-
-
-def _feed(batch: Batch, name: str) -> np.ndarray:
-    t = batch.get(name)
-    if t is None:  # e.g. token_type_ids that a tokenizer does not emit
-        t = torch.zeros_like(batch["input_ids"])
-    return t.numpy()
-
-
-def _latency_feeds(session, ckpt: Checkpoint, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    """Fixed-shape inputs for the latency measurement (values do not change the work done)."""
-    cfg = ckpt.model.config
-    g = np.random.default_rng(0)
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name == "pixel_values":
-            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-            feeds[inp.name] = g.standard_normal((batch, int(cfg.num_channels), size, size)).astype(np.float32)
-            continue
-        seq = min(seq_len, int(getattr(cfg, "max_position_embeddings", seq_len) or seq_len))
-        if inp.name == "input_ids":
-            feeds[inp.name] = g.integers(0, int(cfg.vocab_size), (batch, seq)).astype(np.int64)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((batch, seq), dtype=np.int64)
-        else:
-            feeds[inp.name] = np.zeros((batch, seq), dtype=np.int64)
-    return feeds
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,11 +282,6 @@ def _rel(path: Path, out: Path) -> str:
         return str(path.relative_to(out))
     except ValueError:
         return str(path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_file(path, force=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def strip_volatile(manifest: dict[str, Any]) -> dict[str, Any]:

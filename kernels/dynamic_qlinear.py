@@ -38,15 +38,16 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, zero
 
 
-def reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+def reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
               bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) float; qweight (out, in) int8; w_scale, w_zero (out,); bias (out,) or None."""
+    """x (..., in) float; qweight (out, in) int8; w_scale, w_zero (out,) (None: symmetric, 0);
+    bias (out,) or None."""
     return compute(x, centered_weight(qweight, w_zero), w_scale, bias)
 
 
-def centered_weight(qweight: torch.Tensor, w_zero: torch.Tensor) -> torch.Tensor:
+def centered_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None) -> torch.Tensor:
     """(qweight - w_zero) as float: integer-valued, what MatMulInteger multiplies by."""
-    return qweight.float() - w_zero.float()[:, None]
+    return qweight.float() if w_zero is None else qweight.float() - w_zero.float()[:, None]
 
 
 def compute(x: torch.Tensor, w_centered: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,7 +59,7 @@ def compute(x: torch.Tensor, w_centered: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 @torch.library.custom_op("squeeze::dynamic_qlinear", mutates_args=())
-def dynamic_qlinear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+def dynamic_qlinear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                     bias: torch.Tensor | None) -> torch.Tensor:
     return reference(x, qweight, w_scale, w_zero, bias)
 
@@ -71,7 +72,8 @@ def _(x, qweight, w_scale, w_zero, bias):
 def symbolic(g, x, qweight, w_scale, w_zero, bias):
     xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
     wt = g.op("Transpose", qweight, perm_i=[1, 0])  # constant-folded into an int8 (in, out) initializer
-    acc = g.op("MatMulInteger", xq, wt, xz, w_zero)
+    # a symmetric weight passes no zero point (as quantize_dynamic would, minus its all-zero vector)
+    acc = g.op("MatMulInteger", xq, wt, xz) if sh._is_none(w_zero) else g.op("MatMulInteger", xq, wt, xz, w_zero)
     scale = g.op("Mul", xs, w_scale)
     y = g.op("Mul", g.op("Cast", acc, to_i=1), scale)  # to_i=1: FLOAT
     return y if sh._is_none(bias) else g.op("Add", y, bias)
@@ -82,7 +84,7 @@ def examples(gen: torch.Generator) -> list[tuple]:
     for lead, d_in, d_out, bias in (((2, 5), 16, 8, True), ((3,), 32, 24, False), ((1, 7), 64, 48, True)):
         w = torch.randint(-127, 128, (d_out, d_in), generator=gen, dtype=torch.int8)
         scale = torch.rand(d_out, generator=gen) * 0.01 + 1e-3
-        zero = torch.zeros(d_out, dtype=torch.int8)
+        zero = None if bias else torch.randint(-3, 4, (d_out,), generator=gen, dtype=torch.int8)
         b = torch.randn(d_out, generator=gen) if bias else None
         out.append((torch.randn(*lead, d_in, generator=gen), w, scale, zero, b))
     return out

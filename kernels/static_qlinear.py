@@ -27,13 +27,15 @@ ONNX_OP = "QuantizeLinear+DequantizeLinear+MatMul"
 
 
 def reference(x: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_bits: int, qweight: torch.Tensor,
-              w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+              w_scale: torch.Tensor, w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``w_zero`` None: a symmetric weight (zero point 0), exported without a zero-point input."""
+    w_zero = torch.zeros(w_scale.shape, dtype=qweight.dtype) if w_zero is None else w_zero
     return dequant_linear.reference(quant_dequant.reference(x, a_scale, a_zero, a_bits), qweight, w_scale, w_zero, bias)
 
 
 @torch.library.custom_op("squeeze::static_qlinear", mutates_args=())
 def static_qlinear(x: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_bits: int, qweight: torch.Tensor,
-                   w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                   w_scale: torch.Tensor, w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     return reference(x, a_scale, a_zero, a_bits, qweight, w_scale, w_zero, bias)
 
 
@@ -49,8 +51,14 @@ def symbolic(g, x, a_scale, a_zero, a_bits, qweight, w_scale, w_zero, bias):
     if nb == 1 and qweight.type().scalarType() == "Char":
         flat = g.op("Constant", value_t=torch.tensor([out_f], dtype=torch.int64))
         wt = g.op("Transpose", qweight, perm_i=[1, 0])  # folded: an int8 (in, out) initializer
-        w = g.op("DequantizeLinear", wt, g.op("Reshape", w_scale, flat), g.op("Reshape", w_zero, flat), axis_i=1)
+        scale = g.op("Reshape", w_scale, flat)
+        if sh._is_none(w_zero):
+            w = g.op("DequantizeLinear", wt, scale, axis_i=1)
+        else:
+            w = g.op("DequantizeLinear", wt, scale, g.op("Reshape", w_zero, flat), axis_i=1)
     else:
+        if sh._is_none(w_zero):
+            w_zero = g.op("Constant", value_t=torch.zeros(sh._get_tensor_sizes(w_scale), dtype=torch.int8))
         w = dequant_linear.weight_from_codes(g, qweight, w_scale, w_zero)
     y = g.op("MatMul", xq, w)
     return y if sh._is_none(bias) else g.op("Add", y, bias)
@@ -65,7 +73,7 @@ def examples(gen: torch.Generator) -> list[tuple]:
         a_zero = torch.tensor(2 ** (bits - 1), dtype=torch.uint8)
         w = torch.randint(-127, 128, (d_out, d_in), generator=gen, dtype=torch.int8)
         scale = torch.rand(d_out, nb, generator=gen) * 0.01 + 1e-3
-        zero = torch.zeros(d_out, nb, dtype=torch.int8)
+        zero = None if bits == 8 else torch.randint(-2, 3, (d_out, nb), generator=gen, dtype=torch.int8)
         b = torch.randn(d_out, generator=gen) if bias else None
         out.append((x, a_scale, a_zero, bits, w, scale, zero, b))
     return out

@@ -4,7 +4,6 @@ and every recipe in recipes/ run end to end."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -33,9 +33,10 @@ class AttnQuant(nn.Module):
     def __init__(self, bits: int, softmax: str):
         super().__init__()
         self.bits, self.softmax = bits, softmax  # softmax: "logsqrt2" | "uniform"
+        zdt = torch.uint8 if bits <= 8 else torch.int32  # uint8 is ONNX's container
         for name in ("q", "k", "v", "p"):
             self.register_buffer(f"{name}_scale", torch.ones(()))
-            self.register_buffer(f"{name}_zero", torch.zeros((), dtype=torch.uint8))
+            self.register_buffer(f"{name}_zero", torch.zeros((), dtype=zdt))
         self.observing = False
         self.seen: dict[str, list[torch.Tensor]] = {}
 
@@ -53,7 +54,7 @@ class AttnQuant(nn.Module):
                 lo, hi = search_range(x, grid) if method != "minmax" else minmax_range(x)
                 s, z = params_from_range(lo, hi, grid)
                 getattr(self, f"{name}_scale").copy_(s)
-                getattr(self, f"{name}_zero").copy_(z.to(torch.uint8))
+                getattr(self, f"{name}_zero").copy_(z.to(self.q_zero.dtype))
             p = torch.cat(self.seen["p"])
             if self.softmax == "logsqrt2":
                 self.p_scale.fill_(search_scale(p, self.bits))
@@ -61,7 +62,7 @@ class AttnQuant(nn.Module):
                 lo, hi = search_range(p, grid) if method != "minmax" else minmax_range(p)
                 s, z = params_from_range(torch.zeros(()), hi, grid)
                 self.p_scale.copy_(s)
-                self.p_zero.copy_(z.to(torch.uint8))
+                self.p_zero.copy_(z.to(self.p_zero.dtype))
         self.seen = {}
         self.observing = False
 

@@ -31,7 +31,7 @@ def _fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int
 
 
 def learn_bounds(x: torch.Tensor, weights: list[torch.Tensor], bits: int, *, steps: int = 100, lr: float = 5e-3,
-                 symmetric: bool = False, max_tokens: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 symmetric: bool = False, max_tokens: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel clipping bounds (l, u) of activations ``x`` (N, C) feeding ``weights``.
 
     Args:
@@ -69,8 +69,9 @@ def learn_bounds(x: torch.Tensor, weights: list[torch.Tensor], bits: int, *, ste
             hi = torch.maximum(-lo, hi)
             lo = -hi
         loss = ((_fake_quant(x, lo, hi, levels) @ w.t() - target).pow(2).mean() / norm)
-        if float(loss) < best[0]:
-            best = (float(loss), lo.detach().clone(), hi.detach().clone())
+        value = loss.item()
+        if value < best[0]:
+            best = (value, lo.detach().clone(), hi.detach().clone())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -267,9 +267,10 @@ def quantize_model(model: nn.Module, family: Family, batches: list[Batch], schem
 
 
 def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dict[str, Any]:
-    """uint8 tables, per-tensor (per block for BCT) min/max scale and zero point."""
+    """uint8 tables (wider when the weights are), per-tensor (per block for BCT) min/max ranges."""
     out = {}
-    grid = Grid(8, symmetric=False)
+    bits = max(8, scheme.w_bits)
+    grid = Grid(bits, symmetric=False)
     for key, emb in family.embedding_tables(model):
         w = emb.weight.detach().float()
         blocks = w.shape[1] // scheme.block_size if scheme.method == "bct" and w.shape[1] % scheme.block_size == 0 else 1
@@ -278,19 +279,21 @@ def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dic
         s, z = params_from_range(lo, hi, grid)
         rep = w.shape[1] // blocks
         codes = quantize(w, s.repeat_interleave(rep), z.repeat_interleave(rep), grid)
-        spec = {"num": int(w.shape[0]), "dim": int(w.shape[1]), "blocks": blocks, "padding_idx": emb.padding_idx}
+        spec = {"num": int(w.shape[0]), "dim": int(w.shape[1]), "blocks": blocks, "padding_idx": emb.padding_idx,
+                "bits": bits}
         q = build_embedding(spec)
         with torch.no_grad():
-            q.qweight.copy_(codes.to(torch.uint8))
+            q.qweight.copy_(codes.to(q.qweight.dtype))
             q.scale.copy_(s)
-            q.zero.copy_(z.to(torch.uint8))
+            q.zero.copy_(z.to(q.zero.dtype))
         family.set_embedding_table(model, key, q)
         out[key] = spec
     return out
 
 
 def build_embedding(spec: dict[str, Any]) -> QuantEmbedding:
-    return QuantEmbedding(spec["num"], spec["dim"], blocks=spec["blocks"], padding_idx=spec["padding_idx"])
+    return QuantEmbedding(spec["num"], spec["dim"], blocks=spec["blocks"], padding_idx=spec["padding_idx"],
+                          bits=spec.get("bits", 8))
 
 
 # --------------------------------------------------------------------------------------------

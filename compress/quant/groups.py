@@ -20,7 +20,7 @@ from torch import nn
 
 from squeeze.compress.quant import dual_clip, reparam, uniform
 from squeeze.compress.quant.gptq import gptq, hessian
-from squeeze.compress.quant.uniform import Grid
+from squeeze.compress.quant.uniform import Grid, weight_grid
 from squeeze.kernels.dynamic_qlinear import dynamic_quantize_u8
 
 
@@ -59,12 +59,6 @@ def _tokens(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 
 def _weights(group: Group, linear_weight) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     return [(linear_weight(m).detach().float(), None if m.bias is None else m.bias.detach().float()) for m in group.modules]
-
-
-def weight_grid(bits: int) -> Grid:
-    """Symmetric int8 weights (what ORT's integer kernels and TensorRT expect); below 8 bits an
-    asymmetric grid (no integer kernel consumes those, and it wastes no level)."""
-    return Grid(bits, symmetric=bits >= 8)
 
 
 def round_weight(w: torch.Tensor, x: torch.Tensor | None, bits: int, blocks: int, method: str,

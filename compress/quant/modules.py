@@ -29,6 +29,7 @@ from torch import nn
 
 import squeeze.kernels.registry  # noqa: F401  (registers the torch.ops.squeeze operators)
 from squeeze.kernels import dynamic_qlinear, quant_dequant
+from squeeze.compress.quant.uniform import weight_grid
 from squeeze.kernels.dequant_linear import dequantize_weight
 
 ActMode = Literal["dynamic", "static", "block", "none"]
@@ -78,7 +79,8 @@ class QuantLinear(nn.Module):
         if act in ("static", "block"):
             shape = () if act == "static" else (in_features,)
             self.register_buffer("a_scale", torch.ones(shape))
-            self.register_buffer("a_zero", torch.zeros(shape, dtype=torch.uint8))
+            # uint8 is ONNX's container; wider activations (tests at 16 bits) need int32
+            self.register_buffer("a_zero", torch.zeros(shape, dtype=torch.uint8 if a_bits <= 8 else torch.int32))
         self.affine = affine
 
     @property
@@ -97,7 +99,7 @@ class QuantLinear(nn.Module):
     def set_input_quant(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
         with torch.no_grad():
             self.a_scale.copy_(scale.reshape(self.a_scale.shape))
-            self.a_zero.copy_(torch.round(zero).reshape(self.a_zero.shape).to(torch.uint8))
+            self.a_zero.copy_(torch.round(zero).reshape(self.a_zero.shape).to(self.a_zero.dtype))
 
     def _cached_weight(self) -> torch.Tensor:
         """The float weight the kernel computes with, cached until the codes change.
@@ -108,11 +110,18 @@ class QuantLinear(nn.Module):
         key = (self.qweight._version, self.w_scale._version, self.w_zero._version, self.qweight.data_ptr())
         if getattr(self, "_wkey", None) != key:
             if self.act == "dynamic":
-                w = dynamic_qlinear.centered_weight(self.qweight, self.w_zero.view(-1))
+                w = dynamic_qlinear.centered_weight(self.qweight, self._zero_arg())
             else:
                 w = dequantize_weight(self.qweight, self.w_scale, self.w_zero)
             self._wcache, self._wkey = w, key
         return self._wcache
+
+    def _zero_arg(self) -> torch.Tensor | None:
+        """The weight zero points the kernel gets: None on a symmetric grid (all zero), so the
+        graph carries no all-zero zero-point vector (the checkpoint still stores them)."""
+        if weight_grid(self.w_bits).symmetric:
+            return None
+        return self.w_zero.view(-1) if self.act == "dynamic" else self.w_zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.affine is not None:
@@ -126,10 +135,10 @@ class QuantLinear(nn.Module):
             return torch.nn.functional.linear(x, w, self.bias)
         ops = torch.ops.squeeze
         if self.act == "dynamic":
-            return ops.dynamic_qlinear(x, self.qweight, self.w_scale.view(-1), self.w_zero.view(-1), self.bias)
+            return ops.dynamic_qlinear(x, self.qweight, self.w_scale.view(-1), self._zero_arg(), self.bias)
         if self.act == "static":
             return ops.static_qlinear(x, self.a_scale, self.a_zero, self.a_bits, self.qweight, self.w_scale,
-                                      self.w_zero, self.bias)
+                                      self._zero_arg(), self.bias)
         if self.act == "block":
             x = ops.quant_dequant(x, self.a_scale, self.a_zero, self.a_bits)
         return ops.dequant_linear(x, self.qweight, self.w_scale, self.w_zero, self.bias)
@@ -140,14 +149,18 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding table stored as uint8 codes with per-tensor (or per-block) scale and zero point."""
+    """An embedding table stored as uint8 codes (int32 above 8 bits) with a per-tensor (or
+    per-block) scale and zero point."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, blocks: int = 1, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, blocks: int = 1, padding_idx: int | None = None,
+                 bits: int = 8):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.blocks, self.padding_idx = num_embeddings, embedding_dim, blocks, padding_idx
-        self.qweight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=torch.uint8), requires_grad=False)
+        self.bits = bits
+        dt = torch.uint8 if bits <= 8 else torch.int32
+        self.qweight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=dt), requires_grad=False)
         self.register_buffer("scale", torch.ones(blocks))
-        self.register_buffer("zero", torch.zeros(blocks, dtype=torch.uint8))
+        self.register_buffer("zero", torch.zeros(blocks, dtype=dt))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,4 +175,4 @@ class QuantEmbedding(nn.Module):
         return self._dequant(self.qweight[ids])  # Gather on uint8, then Cast / Sub / Mul
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, uint8 x{self.blocks}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits} bits x{self.blocks}"

@@ -39,12 +39,13 @@ class Reparam:
 
 def from_channel_ranges(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> Reparam:
     """RepQ reparameterization from per-channel bounds (l_c, u_c), with z~ rounded."""
-    s_c, z_c = params_from_range(lo.double(), hi.double(), grid)
+    dt = lo.dtype  # computed in float64, returned in the bounds' dtype
+    s_c, z_c = params_from_range(lo.detach().double(), hi.detach().double(), grid)
     s_t = s_c.mean()
     z_t = torch.round(z_c.mean())
     r = s_c / s_t
     delta = s_t * (z_t - z_c)
-    return Reparam(r=r.float(), delta=delta.float(), scale=s_t.float(), zero=z_t.float())
+    return Reparam(r=r.to(dt), delta=delta.to(dt), scale=s_t.to(dt), zero=z_t.to(dt))
 
 
 def smoothing(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -73,8 +74,8 @@ def fold_into_norm(norm: torch.nn.Module, r: torch.Tensor, delta: torch.Tensor) 
 def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, r: torch.Tensor,
                        delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W' = W diag(r), b' = b + W' delta (a new bias when there was none and delta != 0)."""
-    w = weight.detach().float() * r[None, :]
+    w = weight.detach() * r[None, :]
     if bool((delta != 0).any()):
-        b = (bias.detach().float() if bias is not None else torch.zeros(w.shape[0])) + w @ delta
+        b = (bias.detach() if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + w @ delta
         return w, b
-    return w, (bias.detach().float() if bias is not None else None)
+    return w, (bias.detach() if bias is not None else None)

@@ -37,6 +37,12 @@ class Grid:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
 
+def weight_grid(bits: int) -> Grid:
+    """Symmetric int8 weights (zero point 0: what ORT's integer kernels and TensorRT expect);
+    below 8 bits an asymmetric grid (no integer kernel consumes those, and it wastes no level)."""
+    return Grid(bits, symmetric=bits >= 8)
+
+
 def params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) covering [lo, hi] (widened to include 0); zero point as a float tensor."""
     lo = torch.clamp(lo, max=0.0)

