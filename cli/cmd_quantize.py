@@ -40,7 +40,7 @@ def quantize(
     gptq: bool = typer.Option(True, "--gptq/--no-gptq", help="repquant: GPTQ weight rounding (else round to nearest)."),
     block_size: int = typer.Option(64, "--block-size", help="bct: channels per block."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Quantize embedding tables (uint8)."),
-    clip_steps: int = typer.Option(100, "--clip-steps", help="repquant static: dual-clipping optimisation steps."),
+    clip_steps: int = typer.Option(50, "--clip-steps", help="repquant static: dual-clipping optimisation steps."),
     calib: str = CalibOpt,
     samples: int = SamplesOpt,
     seq_len: int = SeqLenOpt,

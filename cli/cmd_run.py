@@ -111,7 +111,8 @@ def _print_plan(plans: list, out: Path) -> None:
         t.add_column(c)
     for jp in plans:
         for s in jp.steps:
-            t.add_row(jp.job.name, f"{s.index} {s.name}", s.key[:12], str(s.folder), "cached" if s.done else "[yellow]run[/yellow]")
+            folder = s.folder.relative_to(out) if s.folder.is_relative_to(out) else s.folder
+            t.add_row(jp.job.name, f"{s.index} {s.name}", s.key[:12], str(folder), "cached" if s.done else "[yellow]run[/yellow]")
     console.print(t)
 
 

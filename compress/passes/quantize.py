@@ -65,9 +65,11 @@ class QuantizeConfig(PassConfig):
     gptq: bool = True  # repquant's weight rounding; the baselines always round to nearest
     block_size: int = Field(64, ge=8, le=4096)  # bct
     embeddings: bool = True  # quantize embedding tables (uint8), as quantize_dynamic does
-    clip_steps: int = Field(100, ge=0, le=10_000)  # dual-clipping optimisation steps (static)
+    clip_steps: int = Field(50, ge=0, le=10_000)  # dual-clipping optimisation steps (static)
     alphas: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)  # smoothing strengths tried (dynamic)
-    softmax: Literal["auto", "logsqrt2", "uniform", "float"] = "auto"  # static only
+    # static only; auto: log-sqrt2 for repquant up to 8 bits. Its levels are sqrt(2) apart at any
+    # width (more bits only reach smaller probabilities), so above 8 bits a uniform grid is finer.
+    softmax: Literal["auto", "logsqrt2", "uniform", "float"] = "auto"
 
     @field_validator("weights")
     @classmethod
@@ -170,7 +172,9 @@ class QuantizePass(Pass):
         from squeeze.compress.quant.engine import Scheme
 
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
-        softmax = cfg.softmax if cfg.softmax != "auto" else ("logsqrt2" if cfg.method == "repquant" else "uniform")
+        softmax = cfg.softmax
+        if softmax == "auto":
+            softmax = "logsqrt2" if cfg.method == "repquant" and cfg.a_bits <= 8 else "uniform"
         return Scheme(w_bits=cfg.w_bits, act=cfg.act_mode, a_bits=cfg.a_bits, method=cfg.method,
                       gptq=cfg.gptq and cfg.method == "repquant", block_size=cfg.block_size, embeddings=cfg.embeddings,
                       clip_steps=cfg.clip_steps, alphas=cfg.alphas, softmax=softmax, seed=seed)

@@ -123,7 +123,7 @@ def repquant_reparam(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Te
                      clip_steps: int, symmetric: bool, seed: int) -> tuple[reparam.Reparam, dict]:
     """Learned per-channel dual clipping, then the reparameterization with z~ rounded."""
     lo, hi = dual_clip.learn_bounds(x, [w for w, _ in weights], a_bits, steps=clip_steps, symmetric=symmetric, seed=seed)
-    rp = reparam.from_channel_ranges(lo, hi, Grid(a_bits, symmetric=False))
+    rp = reparam.from_channel_ranges(lo, hi, Grid(a_bits, symmetric=False), symmetric=symmetric)
     return rp, {"r_min": float(rp.r.min()), "r_max": float(rp.r.max()), "zero": int(rp.zero)}
 
 

@@ -37,10 +37,17 @@ class Reparam:
     zero: torch.Tensor  # () integer zero point z~ of x'
 
 
-def from_channel_ranges(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> Reparam:
-    """RepQ reparameterization from per-channel bounds (l_c, u_c), with z~ rounded."""
+def from_channel_ranges(lo: torch.Tensor, hi: torch.Tensor, grid: Grid, symmetric: bool = False) -> Reparam:
+    """RepQ reparameterization from per-channel bounds (l_c, u_c), with z~ rounded.
+
+    ``symmetric`` (bounds l_c = -u_c): every channel gets the same zero point, the middle of the
+    grid, so delta is exactly 0 (what a norm without a bias can absorb); computed, rounding can
+    land on either side of .5 channel by channel.
+    """
     dt = lo.dtype  # computed in float64, returned in the bounds' dtype
     s_c, z_c = params_from_range(lo.detach().double(), hi.detach().double(), grid)
+    if symmetric:
+        z_c = torch.full_like(z_c, float(round((grid.qmax + grid.qmin) / 2)))
     s_t = s_c.mean()
     z_t = torch.round(z_c.mean())
     r = s_c / s_t
