@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/squeeze run recipes/minilm-edge.yaml -o out/demo --force
+	$(BIN)/squeeze run recipes/minilm-edge.yaml -o out/demo
 
 test: setup
 	$(BIN)/python -m pytest -n $(WORKERS) tests

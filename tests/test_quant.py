@@ -21,6 +21,16 @@ from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
 from squeeze.compress.quant import onnx_check
 from squeeze.compress.quant.modules import QuantEmbedding, QuantLinear
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread. On this 2-core machine, shared with other jobs, a
+    2-thread pool made a 256x32 linear take 22 ms instead of 8 us (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FAMILIES = ("bert", "vit", "llama", "gpt2")
 COS_16BIT = 0.9995  # W16A16 vs float; measured 0.99985 (llama: eval activations beyond the calibrated range clip)
 W16_MAX_ABS = 1e-3  # weight-only int16 vs float, measured 2.8e-5 (llama logits)
