@@ -1,13 +1,15 @@
-"""Per-tensor static fake quantization of activations (the activation half of a QDQ pair).
+"""Static fake quantization of activations (the activation half of a QDQ pair).
 
-``squeeze::quant_dequant(x, scale, zero, bits)`` with a float scale and a uint8 zero point::
+``squeeze::quant_dequant(x, scale, zero, bits)`` with a float scale and a uint8 zero point, per
+tensor (0-d) or per channel of the last axis (1-d, BCT's block scales expanded)::
 
     q = clamp(round(x / scale) + zero, 0, 2^bits - 1)      x_hat = (q - zero) * scale
 
 ONNX (standard ops, a lowering): ``DequantizeLinear(QuantizeLinear(x, scale, zero))`` in a uint8
 container; below 8 bits a ``Clip`` to the representable float range comes first, which gives
-the same codes (QuantizeLinear then never saturates). ONNX Runtime fuses the pair with the
-weight's DequantizeLinear into integer MatMul kernels; TensorRT parses Q/DQ natively (int8).
+the same codes (QuantizeLinear then never saturates; per channel Max/Min, as Clip takes
+scalars). ONNX Runtime fuses a per-tensor pair with the weight's DequantizeLinear into integer
+MatMul kernels; TensorRT parses Q/DQ natively (int8).
 Activations wider than 8 bits need opset 21 (uint16) and are refused at export.
 """
 
@@ -43,21 +45,26 @@ def symbolic(g, x, scale, zero, bits):
 
     if bits > 8:
         raise SqueezeError(f"ONNX export of {bits}-bit activations is not supported at opset < 21 (uint8 only)")
+    per_channel = sh._get_tensor_rank(scale) == 1  # BCT: one scale per channel of the last axis
+    axis = {"axis_i": -1} if per_channel else {}
     if bits < 8:
         zf = g.op("Cast", zero, to_i=1)
         lo = g.op("Mul", g.op("Neg", zf), scale)
         hi = g.op("Mul", g.op("Sub", g.op("Constant", value_t=torch.tensor(float(2**bits - 1))), zf), scale)
-        x = g.op("Clip", x, lo, hi)
-    q = g.op("QuantizeLinear", x, scale, zero)
-    return g.op("DequantizeLinear", q, scale, zero)
+        # Clip takes scalar bounds only
+        x = g.op("Min", g.op("Max", x, lo), hi) if per_channel else g.op("Clip", x, lo, hi)
+    q = g.op("QuantizeLinear", x, scale, zero, **axis)
+    return g.op("DequantizeLinear", q, scale, zero, **axis)
 
 
 def examples(gen: torch.Generator) -> list[tuple]:
     out = []
-    for shape, bits in (((2, 5, 16), 8), ((3, 7), 6), ((1, 4, 9, 9), 4)):
+    for shape, bits, per_channel in (((2, 5, 16), 8, False), ((3, 7), 6, False), ((1, 4, 9, 9), 4, False),
+                                     ((2, 3, 8), 8, True), ((4, 6), 4, True)):
         x = torch.randn(shape, generator=gen) * 2
-        scale = torch.tensor(4.0 / (2**bits - 1))
-        zero = torch.tensor(2 ** (bits - 1), dtype=torch.uint8)
+        c = (shape[-1],) if per_channel else ()  # BCT: per-channel (block-expanded) scales
+        scale = torch.full(c, 4.0 / (2**bits - 1)) * (1 + torch.rand(c, generator=gen))
+        zero = torch.randint(2 ** (bits - 2), 2 ** (bits - 1), c, generator=gen).to(torch.uint8)
         out.append((x, scale, zero, bits))
     return out
 
@@ -66,7 +73,7 @@ KERNEL = Kernel(
     name="quant_dequant",
     onnx_op=ONNX_OP,
     domain="",
-    summary="per-tensor static uint8 fake quantization of an activation (QDQ activation side)",
+    summary="static uint8 fake quantization of an activation, per tensor or per channel of the last axis (QDQ)",
     reference=reference,
     symbolic=symbolic,
     examples=examples,

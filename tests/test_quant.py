@@ -157,6 +157,21 @@ def test_export_static_keeps_the_logsqrt2_node_and_runs_qdq_kernels(tiny_dirs, i
     assert plain["custom_ops"] == []
 
 
+def test_bct_quantizes_weights_and_inputs_per_block(tiny_dirs, tmp_path):
+    from squeeze.compress.export import export_onnx
+
+    _, new, _ = _quantize(tiny_dirs["bert"], activations="int8", method="bct", block_size=16)
+    specs = new.manifest.edits[-1]["result"]["linears"]["0"]
+    assert specs["q"]["w_blocks"] == 2 and specs["q"]["a_blocks"] == 2 and specs["q"]["act"] == "block"
+    assert specs["mlp_out"]["w_blocks"] == 4  # 64 inputs, blocks of 16
+    q = next(m for m in new.model.modules() if isinstance(m, QuantLinear))
+    assert q.w_scale.shape == (q.out_features, 2) and q.a_scale.shape == (q.in_features,)
+    assert new.manifest.ledger[-1]["fidelity"]["cos_worst"] > 0.99
+    ckpt = load(save(new, tmp_path / "q"))
+    report = export_onnx(ckpt, tmp_path / "m.onnx", atol=0.5, rtol=0.5, latency=False)
+    assert _rule_check(report, onnx_check.validation_rule(ckpt.manifest))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -192,7 +192,7 @@ class QuantizePass(Pass):
         batches = ctx.calib_batches()
         torch.manual_seed(ctx.seed)
         with torch.enable_grad():  # the clipping bounds are learned
-            result, metrics, _ = quantize_model(model, ctx.family, batches, scheme, step=ctx.step)
+            result, metrics = quantize_model(model, ctx.family, batches, scheme, step=ctx.step)
         n_lin = sum(len(v) for v in result["linears"].values())
         ctx.result.update(result)
         ctx.metrics.update({

@@ -53,6 +53,12 @@ class _Stop(Exception):
     pass
 
 
+def n_blocks(channels: int, block_size: int) -> int:
+    """Blocks of at most ``block_size`` channels that tile ``channels`` exactly (BCT)."""
+    size = max(d for d in range(1, min(block_size, channels) + 1) if channels % d == 0)
+    return channels // size
+
+
 # --------------------------------------------------------------------------------------------
 # Groups of one layer
 # --------------------------------------------------------------------------------------------
@@ -144,9 +150,9 @@ def run_until(model: nn.Module, family: Family, batches: list[Batch], stop: nn.M
 
 def _decide(group: G.Group, cap: Captured, scheme: Scheme, family: Family) -> G.Decision:
     """Transform and input quantizer of one group (weights are rounded afterwards)."""
-    weights = G._weights(group, family.linear_weight)
+    weights = G.consumer_weights(group, family.linear_weight)
     x = cap.real
-    sample = G._tokens(x, MAX_TOKENS, scheme.seed)
+    sample = G.sample_rows(x, MAX_TOKENS, scheme.seed)
     dec = G.Decision()
     rmsnorm = family.norm_kind == "rmsnorm"
     if scheme.method == "repquant" and scheme.act == "dynamic":
@@ -168,7 +174,7 @@ def _decide(group: G.Group, cap: Captured, scheme: Scheme, family: Family) -> G.
             dec.where = "affine"
     if scheme.act in ("static", "block") and dec.a_scale is None:
         xt = x if dec.r is None else x / dec.r - dec.delta
-        blocks = x.shape[1] // scheme.block_size if scheme.act == "block" else 1
+        blocks = n_blocks(x.shape[1], scheme.block_size) if scheme.act == "block" else 1
         dec.a_scale, dec.a_zero = G.static_range(xt, scheme.a_bits, scheme.method, blocks)
     return dec
 
@@ -196,18 +202,18 @@ def _apply_group(layer: nn.Module, group: G.Group, dec: G.Decision, cap: Capture
             if shift:
                 affine.shift.copy_(-dec.delta)
     xt = x if dec.r is None else x / dec.r - dec.delta
-    xt_fit = G._tokens(xt, 4 * MAX_TOKENS, scheme.seed)
+    xt_fit = G.sample_rows(xt, 4 * MAX_TOKENS, scheme.seed)
     specs: dict[str, Any] = {}
     for key, mod in zip(group.keys, group.modules):
         w = family.linear_weight(mod).detach().float()
         b = None if mod.bias is None else mod.bias.detach().float()
         if dec.r is not None:
             w, b = reparam.fold_into_consumer(w, b, dec.r, dec.delta)
-        w_blocks = w.shape[1] // scheme.block_size if scheme.method == "bct" else 1
+        w_blocks = n_blocks(w.shape[1], scheme.block_size) if scheme.method == "bct" else 1
         codes, scale, zero = G.round_weight(w, xt_fit, scheme.w_bits, w_blocks, scheme.method, scheme.gptq)
         spec = {"in": int(w.shape[1]), "out": int(w.shape[0]), "bias": b is not None, "w_bits": scheme.w_bits,
                 "w_blocks": w_blocks, "act": scheme.act, "a_bits": scheme.a_bits,
-                "a_blocks": w.shape[1] // scheme.block_size if scheme.act == "block" else 1,
+                "a_blocks": n_blocks(w.shape[1], scheme.block_size) if scheme.act == "block" else 1,
                 "affine": group.name if affine is not None else None,
                 "affine_shift": affine is not None and affine.shift is not None}
         q = build_linear(spec, affine)
@@ -225,9 +231,8 @@ def build_linear(spec: dict[str, Any], affine: ChannelAffine | None) -> QuantLin
 
 
 def quantize_model(model: nn.Module, family: Family, batches: list[Batch], scheme: Scheme,
-                   step: Callable[[str, int, int], None] = lambda *a: None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """Quantize ``model`` in place. Returns (manifest result, ledger metrics, notes)."""
-    notes: list[str] = []
+                   step: Callable[[str, int, int], None] = lambda *a: None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quantize ``model`` in place. Returns (manifest result, ledger metrics)."""
     layers = family.layers(model)
     attn_layers: list[int] = []
     use_attn = scheme.act in ("static", "block") and scheme.softmax != "float"
@@ -262,8 +267,7 @@ def quantize_model(model: nn.Module, family: Family, batches: list[Batch], schem
         result["attention"] = {"bits": scheme.a_bits, "softmax": scheme.softmax, "layers": attn_layers}
     if scheme.embeddings:
         result["embeddings"] = quantize_embeddings(model, family, scheme)
-    metrics = {"groups": decisions}
-    return result, metrics, notes
+    return result, {"groups": decisions}
 
 
 def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dict[str, Any]:
@@ -273,7 +277,7 @@ def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dic
     grid = Grid(bits, symmetric=False)
     for key, emb in family.embedding_tables(model):
         w = emb.weight.detach().float()
-        blocks = w.shape[1] // scheme.block_size if scheme.method == "bct" and w.shape[1] % scheme.block_size == 0 else 1
+        blocks = n_blocks(w.shape[1], scheme.block_size) if scheme.method == "bct" else 1
         cols = w.t().reshape(blocks, -1)
         lo, hi = minmax_range(cols, per_channel=True)
         s, z = params_from_range(lo, hi, grid)

@@ -51,13 +51,15 @@ class Decision:
     info: dict = field(default_factory=dict)
 
 
-def _tokens(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+def sample_rows(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """At most ``limit`` rows of ``x``, drawn with a fixed seed."""
     if x.shape[0] <= limit:
         return x
     return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]]
 
 
-def _weights(group: Group, linear_weight) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def consumer_weights(group: Group, linear_weight) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(out, in) weight and bias of each linear of the group, as float tensors."""
     return [(linear_weight(m).detach().float(), None if m.bias is None else m.bias.detach().float()) for m in group.modules]
 
 

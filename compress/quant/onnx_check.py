@@ -25,8 +25,11 @@ from typing import Any
 
 INTEGER_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger",
                    "QGemm", "QAttention", "MatMulNBits")
-# min cosine(ORT, twin) per activation bits (measured on MiniLM: 8 bits 0.9990-0.9998 with padding)
-MIN_COSINE = {8: 0.995, 7: 0.99, 6: 0.99, 5: 0.97, 4: 0.95}
+# min cosine(ORT, twin) per bit width. Measured on MiniLM int8 (export's validation shapes and
+# padded eval batches): 0.9952-1.0; a cascade is as large as the quantization error itself
+# (ORT then runs an equally valid neighbour of the twin), so the bound sits below it. A wrong
+# scale, zero point or layout gives cosines far lower.
+MIN_COSINE = {8: 0.99, 7: 0.98, 6: 0.98, 5: 0.95, 4: 0.9}
 MAX_ABS_RATIO = 0.25  # max |ORT - twin| / max |twin|; measured 0.15 worst on padded MiniLM batches
 
 
