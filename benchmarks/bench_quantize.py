@@ -8,7 +8,8 @@ all-MiniLM-L6-v2 (the real checkpoint):
   (what ``optimum-cli onnxruntime quantize`` does on CPU);
 * squeeze's default int8 (``squeeze quantize`` with no options: repquant, dynamic activations),
   the same with ``--method minmax`` (ORT's method through squeeze's export), and static W8A8
-  (repquant, and the percentile baseline), each exported with ``squeeze export``;
+  (repquant, exported; the percentile and block-wise BCT schemes as PyTorch twins), exported
+  graphs through ``squeeze export``;
 * fidelity of W6A6, W4A4 and W4 weight-only (PyTorch twin; ORT has no kernels below 8 bits).
 
 Fidelity: cosine of the mean-pooled embedding vs PyTorch fp32 on 100 held-apart sentences (mean
@@ -47,6 +48,7 @@ MINILM_RUNS = [  # (label, config, export)
     ("squeeze minmax, dynamic", {"method": "minmax"}, True),
     ("squeeze W8A8 static (repquant)", {"activations": "int8"}, True),
     ("squeeze W8A8 static (percentile)", {"activations": "int8", "method": "percentile"}, False),
+    ("squeeze W8A8 static (bct, blocks of 64)", {"activations": "int8", "method": "bct"}, False),
     ("squeeze W6A6 (repquant)", {"weights": "int6", "activations": "int6"}, False),
     ("squeeze W4A4 (repquant)", {"weights": "int4", "activations": "int4"}, False),
     ("squeeze W4 weight-only (repquant)", {"weights": "int4", "activations": "none"}, False),
