@@ -93,7 +93,7 @@ def minilm(tmp: Path) -> dict:
         rows[label] = row
         print(label, row.get("fidelity", row["fidelity_twin"]), flush=True)
     graphs = {k: r["onnx"] for k, r in rows.items() if "onnx" in r}
-    lat = latencies(graphs, base, rounds=5)
+    lat = latencies(graphs, base, rounds=9)
     for k, r in rows.items():
         if "onnx" in r:
             r["bytes"] = r["onnx"].stat().st_size
@@ -173,7 +173,7 @@ def markdown(rows: dict, vit: dict) -> str:
         "Command: `.venv/bin/python benchmarks/bench_quantize.py`. Fidelity: cosine of the mean-pooled embedding vs "
         "PyTorch fp32 on 100 held-apart sentences (mean / worst), from ONNX Runtime's outputs where a graph was "
         "exported, from the PyTorch twin otherwise. Speed-up: fp32 latency / latency (ORT CPU, 2 threads, seq 128, "
-        f"median of 5 interleaved rounds; fp32 = {fp['latency_ms'][1]:.2f} ms at batch 1, {fp['latency_ms'][8]:.2f} ms "
+        f"median of 9 interleaved rounds; fp32 = {fp['latency_ms'][1]:.2f} ms at batch 1, {fp['latency_ms'][8]:.2f} ms "
         "at batch 8). Integer kernels: node types in ORT's optimized graph.",
         "",
         "| model | size | cos mean | cos worst | speed-up b1 | speed-up b8 | integer kernels | twin vs ORT (validation) | quantize |",
