@@ -15,6 +15,7 @@ from rich.table import Table
 
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.passes.base import ProgressFn
+from squeeze.compress.report import fmt_bytes  # noqa: F401  (re-exported for the commands)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -54,16 +55,6 @@ def progress() -> Iterator[ProgressFn]:
 
     with bars:
         yield update
-
-
-def fmt_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def fmt_num(x: Any) -> str:

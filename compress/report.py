@@ -62,7 +62,8 @@ def read(out: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """Bytes as B / KB / MB / GB with one decimal."""
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
@@ -90,7 +91,7 @@ def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 j["job"],
                 f"{r['step']} {r['pass']}",
                 f"{r['params']:,}",
-                _fmt_bytes(r.get("bytes")),
+                fmt_bytes(r.get("bytes")),
                 "1 (ref)" if ref else _f(fid.get("cos_mean"), ".4f"),
                 "1 (ref)" if ref else _f(fid.get("cos_worst"), ".4f"),
                 *[("-" if ref else _f(fid.get(k), ".4g")) for k in extra],
