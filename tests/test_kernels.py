@@ -10,14 +10,6 @@ from squeeze.cli.main import main
 from squeeze.kernels.registry import KERNELS, finalize_onnx, onnx_model_for, validate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On this 2-core machine, shared with other jobs, a
-    2-thread pool made a 256x32 linear take 22 ms instead of 8 us (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))

@@ -21,14 +21,6 @@ from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
 from squeeze.compress.quant import onnx_check
 from squeeze.compress.quant.modules import QuantEmbedding, QuantLinear
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On this 2-core machine, shared with other jobs, a
-    2-thread pool made a 256x32 linear take 22 ms instead of 8 us (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 FAMILIES = ("bert", "vit", "llama", "gpt2")

@@ -15,14 +15,6 @@ from squeeze.compress.quant.uniform import Grid
 from squeeze.kernels.logsqrt2_softmax import (logsqrt2_codes, logsqrt2_dequantize, logsqrt2_dequantize_shift,
                                               logsqrt2_matmul_shift, search_scale)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On this 2-core machine, shared with other jobs, a
-    2-thread pool made a 256x32 linear take 22 ms instead of 8 us (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 REPARAM_FP_TOL = 1e-6  # float64 LayerNorm -> linear before / after folding; measured 4e-15
