@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from squeeze.cli.common import (CalibOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
-                                print_json, progress, report_table)
+                                pass_config, print_json, progress, report_table)
 from squeeze.compress.errors import SqueezeError
 
 AmountHelp = "a share of the layers (0.5) or a count (2)"
@@ -40,17 +40,9 @@ def _indices(text: str | None, flag: str) -> list[int] | None:
 
 
 def _config(**kw: Any):
-    from pydantic import ValidationError
-
     from squeeze.compress.passes.drop import PruneConfig
 
-    try:
-        return PruneConfig(**kw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        flag = f"--{where.replace('_', '-')}" if where else "prune"
-        raise SqueezeError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+    return pass_config(PruneConfig, "prune", **kw)
 
 
 def scores_table(result: dict[str, Any], title: str = "") -> Table:

@@ -8,26 +8,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from squeeze.cli.common import (CalibOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
-                                print_json, progress, report_table)
+                                pass_config, print_json, progress, report_table)
 from squeeze.compress.errors import SqueezeError
 
 
-def _config(**kw):
-    from pydantic import ValidationError
-
+def _config(**kw: Any):
     from squeeze.compress.passes.quantize import QuantizeConfig
 
-    try:
-        return QuantizeConfig(**kw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        flag = f"--{where.replace('_', '-')}" if where else "quantize"
-        raise SqueezeError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+    return pass_config(QuantizeConfig, "quantize", **kw)
 
 
 def quantize(

@@ -57,6 +57,21 @@ def progress() -> Iterator[ProgressFn]:
         yield update
 
 
+def pass_config(config_cls: type, command: str, **kw: Any):
+    """Build a pass config from CLI options; a bad value names its flag (``--drop-attn: ...``)."""
+    from pydantic import ValidationError
+
+    from squeeze.compress.errors import SqueezeError
+
+    try:
+        return config_cls(**kw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        flag = f"--{where.replace('_', '-')}" if where else command
+        raise SqueezeError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
 def fmt_num(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
