@@ -1,7 +1,8 @@
 """The one console script: ``squeeze``.
 
-``main()`` maps user errors (SqueezeError, bad options) to one line on stderr and their exit
-code (2; 1 for a failed validation); ``--debug`` shows tracebacks. Bugs keep their traceback.
+``main()`` maps user errors (SqueezeError, bad options, unknown commands) to one line on stderr
+and their exit code (2; 1 for a failed validation; 130 for Ctrl-C); ``--debug`` (anywhere on the
+line) shows tracebacks. Bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import logging
 import os
 import sys
 
-import click
 import pydantic
 import typer
+from rich.markup import escape
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.exceptions import TyperException
 
 from squeeze.cli import commands
 from squeeze.cli.common import err_console
@@ -53,35 +56,67 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line(text: str) -> str:
+    """Error messages are one line: join a multi-line message with '; '."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _fail(message: str, code: int) -> int:
+    err_console.print(f"[red]error:[/red] {escape(_one_line(message))}", soft_wrap=True)
+    return code
+
+
+def _usage_hint(exc: UsageError) -> str:
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "squeeze"
+    return f" (see '{path} --help')"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the app; map what users get wrong to one line and an exit code.
+
+    typer >= 0.29 vendors its own click (``typer._click``) and raises *its* exception classes, not
+    the separately installed click's: this mapping is written against typer's classes, and typer is
+    pinned to the tested minor range in pyproject.toml (tests/test_cli_errors.py guards it).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:  # --debug is a root option; accept it anywhere on the line
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
     _quiet_libraries()
     try:
-        app(args=argv, prog_name="squeeze", standalone_mode=False)
+        rv = app(args=argv, prog_name="squeeze", standalone_mode=False)
     except SqueezeError as exc:
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        return exc.exit_code
+        return _fail(str(exc), exc.exit_code)
     except pydantic.ValidationError as exc:  # a config built from the user's options
         if debug:
             raise
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
-        err_console.print(f"[red]error:[/red] {where}: {first['msg']}", soft_wrap=True)
+        return _fail(f"{where}: {first['msg']}" if where else first["msg"], 2)
+    except NoArgsIsHelpError as exc:  # `squeeze` or a group with nothing after it
+        text = exc.format_message().rstrip()  # typer has usually drawn the help already
+        if text:
+            sys.stderr.write(text + "\n")
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        return 130
-    except click.ClickException as exc:
+    except UsageError as exc:  # unknown command or option, bad or missing value
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {exc.format_message()}", soft_wrap=True)
-        return exc.exit_code
-    return 0
+        return _fail(exc.format_message() + _usage_hint(exc), exc.exit_code)
+    except TyperException as exc:  # other click-level errors (a file that cannot be opened)
+        if debug:
+            raise
+        return _fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:  # EOF at a prompt
+        return _fail("aborted", 130)
+    except KeyboardInterrupt:  # raised outside the command body (while parsing)
+        return _fail("interrupted", 130)
+    # typer returns Exit codes in non-standalone mode: 0 for --help, 130 for Ctrl-C in a command
+    if rv == 130:
+        return _fail("interrupted", 130)
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
