@@ -72,7 +72,7 @@ def _app_raising(exc: BaseException) -> typer.Typer:
 
 def test_ctrl_c_in_a_command_exits_130_with_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli_main, "app", _app_raising(KeyboardInterrupt()))
-    code, out, err = _run(capsys, "boom")
+    code, _, err = _run(capsys, "boom")
     assert code == 130
     assert err.strip().splitlines() == ["error: interrupted"]
 
