@@ -10,7 +10,7 @@ from rich.table import Table
 from squeeze.cli.common import ForceOpt, JsonOpt, TrustPickleOpt, console, data_spec, fmt_bytes, fmt_num, print_json
 from squeeze.compress.checkpoint import load
 from squeeze.compress.errors import SqueezeError, ValidationFailed
-from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, tensorrt_readiness
+from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, read_onnx, tensorrt_readiness
 
 
 def export(
@@ -73,16 +73,11 @@ def check(
     as_json: bool = JsonOpt,
 ) -> None:
     """Static deployment readiness of an ONNX graph (exit 1 if something would not parse)."""
-    import onnx
-
     if target != "tensorrt":
         raise SqueezeError(f"--target must be tensorrt, got {target!r}")
     if not model.is_file():
         raise SqueezeError(f"{model}: no such file")
-    try:
-        proto = onnx.load(str(model))
-    except Exception as exc:
-        raise SqueezeError(f"{model}: not a readable ONNX model ({type(exc).__name__})") from None
+    proto = read_onnx(model)
     trt = tensorrt_readiness(proto)
     if as_json:
         print_json(trt)

@@ -15,7 +15,7 @@ from squeeze.compress.errors import ValidationFailed
 
 def kernels(
     validate: bool = typer.Option(False, "--validate", help="Run each kernel: reference vs custom op vs onnxruntime."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random shapes and values."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the random shapes and values."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The squeeze kernels: PyTorch reference, torch.library op, ONNX form, TensorRT plugin."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 CALIB_LINES = 300  # lines 1..300 of the built-in corpus calibrate, the rest evaluate
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_IMAGE_PIXELS = 64 * 2**20  # 64 Mpx: a decompression bomb is refused before it is decoded
 
 
 class DataSpec(BaseModel):
@@ -80,12 +82,18 @@ def builtin_texts(split: Literal["calib", "eval"]) -> list[str]:
 
 
 def _split(items: list, split: str, n_eval: int) -> list:
+    """The calibration part or the held-apart evaluation tail; ``split="all"``: every item (a file
+    given to ``squeeze eval`` is all evaluation data)."""
+    if split == "all":
+        return items
     n_eval = min(n_eval, max(1, len(items) // 4)) if len(items) > 1 else 0
     return items[: len(items) - n_eval] if split == "calib" else items[len(items) - n_eval :] or items
 
 
 def read_text_source(path: Path, split: str, n_eval: int) -> tuple[list[str], list[int] | None]:
     """Texts (and labels, when every JSONL row has one) from a text or JSONL file."""
+    if path.is_dir():
+        raise SqueezeError(f"{path}: is a folder; a text model reads a .txt or .jsonl file (image folders are for ViT)")
     if not path.is_file():
         raise SqueezeError(f"{path}: no such data file")
     try:
@@ -107,7 +115,11 @@ def read_text_source(path: Path, split: str, n_eval: int) -> tuple[list[str], li
             rows.append(row)
         texts = [r["text"] for r in rows]
         if all("label" in r for r in rows):
-            labels = [int(r["label"]) for r in rows]
+            labels = []
+            for i, r in enumerate(rows, 1):  # a class index; 1.5, "pos" or true would be a silent guess
+                if isinstance(r["label"], bool) or not isinstance(r["label"], int) or r["label"] < 0:
+                    raise SqueezeError(f"{path}:{i}: 'label' must be a class index (0, 1, ...), got {r['label']!r}")
+                labels.append(r["label"])
     else:
         texts = raw
     idx = _split(list(range(len(texts))), split, n_eval)
@@ -118,7 +130,7 @@ def batches(
     ckpt: "Checkpoint | None",
     spec: DataSpec,
     *,
-    split: Literal["calib", "eval"] = "calib",
+    split: Literal["calib", "eval", "all"] = "calib",
     warn: Callable[[str], None] = log.warning,
 ) -> list[Batch]:
     """Batches of model inputs (plus ``labels`` where known) for a checkpoint's family."""
@@ -143,7 +155,7 @@ def _text_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
             warn("synthetic calibration data: fidelity numbers say little about real inputs")
         return _synthetic_text(ckpt, spec, split)
     if spec.source == "builtin":
-        texts = builtin_texts(split)  # type: ignore[arg-type]
+        texts = builtin_texts("calib" if split == "calib" else "eval")
     elif spec.source.endswith((".npz",)):
         raise SqueezeError(f"{spec.source}: an .npz holds images, but {fam.name} is a text model")
     else:
@@ -224,23 +236,48 @@ def _image_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
 
 def _read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.is_file() and path.suffix == ".npz":
-        try:
-            data = np.load(path)
-        except Exception as exc:
-            raise SqueezeError(f"{path}: not a readable .npz ({exc})") from None
-        if not data.files:
-            raise SqueezeError(f"{path}: the .npz holds no arrays")
-        key = "pixel_values" if "pixel_values" in data.files else data.files[0]
-        labels = data["labels"] if "labels" in data.files else None
-        return np.asarray(data[key]), labels
-    if path.is_dir():
-        from PIL import Image
+        import zipfile
 
+        # np.load reads anything that is not a zip as a .npy or a pickle, and calls random bytes
+        # "pickled data" with allow_pickle advice: check the format first
+        if not zipfile.is_zipfile(path):
+            raise SqueezeError(f"{path}: not an .npz archive (np.savez writes one)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if not data.files:
+                    raise SqueezeError(f"{path}: the .npz holds no arrays")
+                key = "pixel_values" if "pixel_values" in data.files else data.files[0]
+                labels = np.asarray(data["labels"]) if "labels" in data.files else None
+                pixels = np.asarray(data[key])
+        except SqueezeError:
+            raise
+        except Exception as exc:
+            raise SqueezeError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+        if not np.issubdtype(pixels.dtype, np.number) or not np.isfinite(pixels).all():
+            raise SqueezeError(f"{path}: {key} must hold finite numbers, got {pixels.dtype}")
+        if labels is not None and (labels.ndim != 1 or len(labels) != len(pixels) or not np.issubdtype(labels.dtype, np.integer)):
+            raise SqueezeError(f"{path}: labels must be one integer class index per image")
+        return pixels, labels
+    if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SqueezeError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return np.stack([np.asarray(Image.open(f).convert("RGB").resize((64, 64))) for f in files]), None
+        return np.stack([_read_image(f) for f in files]), None
     raise SqueezeError(f"{path}: expected an .npz of pixel arrays or a folder of images")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image as (64, 64, 3) uint8; a corrupt file or a decompression bomb is one line."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB").resize((64, 64)))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SqueezeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 def to_pixel_values(arrays: np.ndarray, channels: int, size: int) -> torch.Tensor:

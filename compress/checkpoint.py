@@ -39,6 +39,7 @@ from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for, model_class
+from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,14 @@ WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".data")
-_NOT_COPIED_NAMES = {"config.json", MANIFEST, SHARD_INDEX, "pytorch_model.bin.index.json"}
+# step.json / original.json: a recipe run's completion marks, never carried into another folder
+_NOT_COPIED_NAMES = {"config.json", MANIFEST, SHARD_INDEX, "pytorch_model.bin.index.json", "step.json", "original.json"}
+# A manifest is data from a file: its base config is checked against these before a model is built
+# (a tampered ``num_hidden_layers: 1000000`` hung ``inspect``). Far above any model squeeze supports.
+MAX_LAYERS, MAX_WIDTH, MAX_VOCAB = 1024, 1 << 16, 1 << 22
+# A manifest's base may describe at most this many fp32 bytes per byte of weights on disk (pruning
+# and 4-bit quantization shrink a model ~8x below its base; 64x leaves room for both).
+MAX_BASE_BYTES_PER_DISK_BYTE = 64
 
 
 def squeeze_version() -> str:
@@ -81,6 +89,8 @@ class Manifest(BaseModel):
     base: BaseInfo
     edits: list[dict[str, Any]] = Field(default_factory=list)
     ledger: list[dict[str, Any]] = Field(default_factory=list)
+    # sha256 of this folder's own weight files, checked on load (None in folders written before it)
+    weights_sha256: str | None = None
 
     def with_edit(self, edit, report: dict[str, Any]) -> "Manifest":
         return self.model_copy(
@@ -190,16 +200,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def check_safetensors(path: Path) -> None:
     """Refuse a truncated or corrupt safetensors file before anything reads it."""
-    size = path.stat().st_size
+    if not path.is_file():
+        raise SqueezeError(f"{path}: not a file (a folder or a device where weights should be)")
     try:
+        size = path.stat().st_size
         with path.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(fh.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as exc:
+        raise SqueezeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
         raise SqueezeError(f"{path}: not a valid safetensors file ({exc})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise SqueezeError(f"{path}: truncated or corrupt safetensors file ({size} bytes, header expects {8 + n + end})")
 
@@ -207,12 +223,17 @@ def check_safetensors(path: Path) -> None:
 def weight_files(folder: Path) -> tuple[list[Path], bool]:
     """The weight files of a folder and whether they are pickles."""
     single = folder / WEIGHTS
-    if single.exists():
+    if single.exists() or single.is_symlink():
+        if not single.is_file():
+            raise SqueezeError(f"{single}: not a file (a folder or a broken link where weights should be)")
         return [single], False
     index = folder / SHARD_INDEX
     if index.exists():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        missing = [n for n in names if not (folder / n).exists()]
+        weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or any(not isinstance(n, str) or Path(n).name != n for n in weight_map.values()):
+            raise SqueezeError(f"{index}: weight_map must map names to plain file names in the folder")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
         if not names or missing:
             raise SqueezeError(f"{index}: shard(s) missing: {', '.join(missing) or 'empty weight_map'}")
         return [folder / n for n in names], False
@@ -234,12 +255,34 @@ def sha256_of(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def check_size(family: Family, config, files: list[Path], where: str) -> None:
+    """Refuse a config far larger than its weights before a model is built from it."""
+    try:
+        layers = int(config.num_hidden_layers)
+        width = family.hidden_size(config)
+        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
+        vocab = int(getattr(config, "vocab_size", 0) or 0)
+        inner = int(inner)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SqueezeError(f"{where}: invalid config ({exc})") from None
+    for name, value, top in (("layers", layers, MAX_LAYERS), ("hidden size", width, MAX_WIDTH),
+                             ("intermediate size", inner, MAX_WIDTH * 8), ("vocabulary", vocab, MAX_VOCAB)):
+        if not 0 <= value <= top:
+            raise SqueezeError(f"{where}: {name} {value} is out of bounds (0..{top})")
+    base_bytes = 4 * (layers * (4 * width * width + 2 * width * inner) + vocab * width)  # fp32, roughly
+    disk = sum(f.stat().st_size for f in files)
+    if base_bytes > MAX_BASE_BYTES_PER_DISK_BYTE * disk + (1 << 20):
+        raise SqueezeError(f"{where}: describes a model of ~{base_bytes / 2**20:.0f} MB but the weights hold "
+                           f"{disk / 2**20:.1f} MB; the config does not belong to these weights")
+
+
 def load(ref: str | os.PathLike, *, trust_pickle: bool = False) -> Checkpoint:
     """Load a checkpoint (Hugging Face folder, ``pkg:`` reference or squeeze folder)."""
     folder = resolve(ref)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise SqueezeError(f"{folder}: no config.json, not a Hugging Face model folder")
+    side_files(folder, _NOT_COPIED_NAMES, _NOT_COPIED_SUFFIXES, _skip_side_dir)  # links checked before any work
     if (folder / MANIFEST).exists():
         return _load_squeeze(folder)
     config_dict = _read_json(config_path)
@@ -272,15 +315,22 @@ def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
         raise SqueezeError(f"{folder}/config.json: {exc}") from None
+    check_size(family, config, weight_files(folder)[0], f"{folder}/config.json")
     cls = model_class(family, config)
     try:
+        # ignore_mismatched_sizes: a mismatch lands in ``info`` and is reported below in our words
+        # (transformers' own error ends "look at the above report!", with nothing above).
         model, info = cls.from_pretrained(
-            str(folder), config=config, local_files_only=True, output_loading_info=True, use_safetensors=use_safetensors
+            str(folder), config=config, local_files_only=True, output_loading_info=True,
+            use_safetensors=use_safetensors, ignore_mismatched_sizes=True,
         )
     except SqueezeError:
         raise
     except Exception as exc:
-        raise SqueezeError(f"{folder}: could not load weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if "weights_only" in str(exc):  # torch's advice is to turn the safety off: never give it
+            first = "the pickle holds objects a safe load (weights_only=True) refuses; convert it to safetensors"
+        raise SqueezeError(f"{folder}: could not load weights ({type(exc).__name__}: {first})") from None
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
@@ -308,18 +358,33 @@ def _load_squeeze(folder: Path) -> Checkpoint:
     if manifest.format != 1:
         raise SqueezeError(f"{folder / MANIFEST}: manifest format {manifest.format} is newer than this squeeze")
     family = family_for(manifest.base.model_type)
-    cfg = dict(manifest.base.config)
-    cfg.pop("model_type", None)
-    config = AutoConfig.for_model(manifest.base.model_type, **cfg)
-    config.architectures = [manifest.base.architecture]
-    model = build_from_config(family, config)
-    for raw in manifest.edits:
-        edit = Edit.model_validate(raw)
-        pass_cls = get_pass(edit.pass_name)
-        model = pass_cls(pass_cls.Config(**edit.config)).restructure(model, edit, family)
     files, _ = weight_files(folder)
     for f in files:
         check_safetensors(f)
+    if manifest.weights_sha256 is not None and sha256_of(files) != manifest.weights_sha256:
+        raise SqueezeError(f"{folder}: weights changed since squeeze wrote them (sha256 differs from {MANIFEST})")
+    cfg = dict(manifest.base.config)
+    cfg.pop("model_type", None)
+    where = f"{folder / MANIFEST}"
+    try:
+        config = AutoConfig.for_model(manifest.base.model_type, **cfg)
+    except Exception as exc:
+        raise SqueezeError(f"{where}: invalid base config ({type(exc).__name__}: {exc})") from None
+    config.architectures = [manifest.base.architecture]
+    check_size(family, config, files, where)
+    model = build_from_config(family, config)
+    for n, raw in enumerate(manifest.edits):
+        pass_name = raw.get("pass_name", raw.get("pass")) if isinstance(raw, dict) else None
+        try:
+            edit = Edit.model_validate(raw)
+            pass_cls = get_pass(edit.pass_name)
+            model = pass_cls(pass_cls.Config(**edit.config)).restructure(model, edit, family)
+        except SqueezeError as exc:
+            raise SqueezeError(f"{where}: edit {n} ({pass_name}): {exc}") from None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            # a tampered edit (bad indices, shapes, fields): the manifest is data, not code
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SqueezeError(f"{where}: edit {n} ({pass_name}) cannot be replayed ({msg})") from None
     _load_state_strict(model, files)
     model.eval()
     return Checkpoint(model=model, family=family, manifest=manifest, source=folder)
@@ -362,13 +427,15 @@ def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
 def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it into place only on success.
 
-    An existing ``target`` is refused unless ``force``; an interrupted write leaves nothing.
+    An existing ``target`` is refused unless ``force``; an interrupted write leaves nothing (a
+    killed one leaves a hidden ``.NAME.tmp-PID`` that the next write to ``target`` removes).
     """
-    target = Path(target)
+    target = absolute(target)  # "-o ." must name the folder, not ""
     if target.exists() and not force:
         raise SqueezeError(f"{target} already exists; pass --force to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    sweep_stale(target)
+    tmp = temp_name(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -376,7 +443,7 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    old = temp_name(target, "old")
     if target.exists():
         target.rename(old)
     tmp.rename(target)
@@ -387,11 +454,14 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Like :func:`atomic_dir` for one file."""
-    target = Path(target)
+    target = absolute(target)
     if target.exists() and not force:
         raise SqueezeError(f"{target} already exists; pass --force to overwrite it")
+    if target.is_dir():
+        raise SqueezeError(f"{target}: is a folder; name a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    sweep_stale(target)
+    tmp = temp_name(target)
     try:
         yield tmp
     except BaseException:
@@ -402,11 +472,7 @@ def atomic_file(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
 
 def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write a checkpoint folder atomically; never overwrite without ``force``."""
-    from safetensors.torch import save_model
-
-    out = Path(out)
-    if ckpt.source is not None and out.resolve() == ckpt.source.resolve():
-        raise SqueezeError(f"{out}: refusing to overwrite the input checkpoint")
+    check_output(out, [ckpt.source], force=force)  # callers check first, before the work; this is the floor
     with atomic_dir(out, force=force) as tmp:
         if ckpt.source is not None:
             copy_side_files(ckpt.source, tmp)
@@ -415,24 +481,40 @@ def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Pa
             config.to_json_file(str(tmp / "config.json"))
         else:
             (tmp / "config.json").write_text(json.dumps(ckpt.manifest.base.config, indent=2))
-        state_model = ckpt.model
-        # One metadata key only: safetensors writes its metadata map in a random order, so two keys
-        # would make identical saves differ byte for byte (the version is in the manifest).
-        save_model(state_model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(json.dumps(ckpt.manifest.model_dump(mode="json"), indent=2) + "\n")
-    return out
+        save_weights(ckpt.model, tmp / WEIGHTS)
+        manifest = ckpt.manifest.model_copy(update={"weights_sha256": sha256_of([tmp / WEIGHTS])})
+        (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return Path(out)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``safetensors.torch.save_model`` with deterministic bytes.
+
+    save_model records each dropped alias of a shared tensor as a metadata key, and safetensors
+    writes its metadata map in hash order, so a model with tied weights saved three times gave
+    three files. Here the aliases are dropped the same way (load_model re-ties them from the
+    model) and the metadata is one key (the version is in the manifest).
+    """
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    state = model.state_dict()
+    for aliases in _remove_duplicate_names(state).values():
+        for name in aliases:
+            del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer / processor / pooling files; never weights, configs or manifests."""
-    for item in src.iterdir():
-        if item.name in _NOT_COPIED_NAMES or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            if item.name not in ("__pycache__",) and not (item / MANIFEST).exists():
-                shutil.copytree(item, dst / item.name, ignore=shutil.ignore_patterns(*[f"*{s}" for s in _NOT_COPIED_SUFFIXES]))
-        elif not item.name.endswith(_NOT_COPIED_SUFFIXES):
-            shutil.copy2(item, dst / item.name)
+    """Copy tokenizer / processor / pooling files; never weights, configs, manifests or completion
+    marks; never a symlink's target outside the model folder (refused, see compress/paths.py)."""
+    for real, rel in side_files(src, _NOT_COPIED_NAMES, _NOT_COPIED_SUFFIXES, _skip_side_dir):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real, dst / rel)
+
+
+def _skip_side_dir(folder: Path) -> bool:
+    """Sub-folders that are not side files: caches, and other checkpoints (a run's step folders)."""
+    return folder.name == "__pycache__" or (folder / MANIFEST).exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,6 +85,11 @@ def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
     for r_out, n_out, batch in zip(ref.outputs, new.outputs, ref.batches):
         (name, r), = r_out.items()
         n = n_out[name]
+        if r.shape != n.shape:  # another vocabulary or head: nothing here is comparable
+            from squeeze.compress.errors import SqueezeError
+
+            raise SqueezeError(f"{name} has shape {tuple(n.shape)}, the reference's {tuple(r.shape)}: "
+                               "not a compressed version of the reference (another vocabulary or head?)")
         max_abs = max(max_abs, float((r - n).abs().max()))
         vr, idx = _representation(name, r, batch, fam)
         vn, _ = _representation(name, n, batch, fam)
@@ -120,7 +125,8 @@ def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
         "samples": int(len(cos_all)),
     }
     if n_tok:
-        res["kl"] = float(f"{kl_sum / n_tok:.6g}")
+        # KL >= 0; a sum of per-token terms that cancel to rounding came out as -3.9e-17
+        res["kl"] = float(f"{max(kl_sum / n_tok, 0.0):.6g}")
         res["top1"] = round(agree / n_tok, 6)
     if n_lm:
         res["ppl_ref"] = round(float(np.exp(nll_ref / n_lm)), 4)
@@ -208,11 +214,20 @@ class _OrtModel:
         self.output = self.session.get_outputs()[0].name
 
     def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        from squeeze.compress.errors import SqueezeError
+
         feeds = {}
         for name in self.inputs:
             t = batch.get(name)
+            if t is None and "input_ids" not in batch:
+                raise SqueezeError(f"the graph wants input {name!r}, which the reference's data does not have")
             feeds[name] = (t if t is not None else torch.zeros_like(batch["input_ids"])).numpy()
-        return {self.output: torch.from_numpy(self.session.run(None, feeds)[0]).float()}
+        try:
+            out = self.session.run(None, feeds)[0]
+        except Exception as exc:  # ORT's own exception types: the graph does not fit these inputs
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SqueezeError(f"the graph failed on the reference's inputs ({msg[:200]})") from None
+        return {self.output: torch.from_numpy(out).float()}
 
 
 def evaluate_against(model_ref: str, reference, spec, *, trust_pickle: bool = False) -> dict[str, float]:
@@ -221,20 +236,35 @@ def evaluate_against(model_ref: str, reference, spec, *, trust_pickle: bool = Fa
     from squeeze.compress.checkpoint import load
     from squeeze.compress.errors import SqueezeError
 
-    data = batches(reference, spec, split="eval")
-    ref = reference_outputs(reference.model, reference.family, data)
     path = Path(model_ref)
+    other = None
     if path.suffix == ".onnx":
+        if path.is_dir():
+            raise SqueezeError(f"{path}: is a folder, not an .onnx file")
         if not path.is_file():
             raise SqueezeError(f"{path}: no such file")
-        runner = _OrtModel(path)
+        try:
+            runner = _OrtModel(path)
+        except Exception as exc:  # ORT's own exception types
+            raise SqueezeError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    else:
+        other = load(model_ref, trust_pickle=trust_pickle)
+        if other.family.name != reference.family.name:
+            raise SqueezeError(f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model")
+    # A data file given to eval is all evaluation data (it used to keep only its last quarter: 10 of
+    # 40 labelled rows); the built-in corpus keeps its held-apart part.
+    split = "eval" if spec.source in ("builtin", "synthetic") else "all"
+    data = batches(reference, spec, split=split)
+    ref = reference_outputs(reference.model, reference.family, data)
+    if other is None:
         new = Reference(family=reference.family, outputs=[runner.outputs(b) for b in data], batches=data)
         name = next(iter(ref.outputs[0]))
         if runner.output != name:
             raise SqueezeError(f"{path}: graph output {runner.output!r} is not the reference's {name!r}")
     else:
-        other = load(model_ref, trust_pickle=trust_pickle)
-        if other.family.name != reference.family.name:
-            raise SqueezeError(f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model")
-        new = reference_outputs(other.model, other.family, data)
+        try:
+            new = reference_outputs(other.model, other.family, data)
+        except IndexError:  # an embedding lookup past the end: the reference's tokens are not its tokens
+            raise SqueezeError(f"{model_ref}: the reference's token ids are outside its vocabulary "
+                               "(not a compressed version of the reference)") from None
     return compare_outputs(ref, new)

@@ -34,6 +34,7 @@ from squeeze.compress.calibration import Batch, DataSpec, batches
 from squeeze.compress.checkpoint import Checkpoint
 from squeeze.compress.errors import SqueezeError, ValidationFailed
 from squeeze.compress.evaluate import model_outputs, ort_latency_ms, ort_session
+from squeeze.compress.paths import check_output, sweep_stale, temp_name
 from squeeze.compress.quant.onnx_check import check as quant_check
 from squeeze.compress.quant.onnx_check import validation_rule
 
@@ -136,6 +137,12 @@ def compare(name: str, ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: 
     """Element-wise and statistical agreement of one output."""
     if ort_out.shape != ref.shape:
         return {"output": name, "ok": False, "error": f"shape {ort_out.shape} != {ref.shape}"}
+    # NaN makes every `diff > bound` false: non-finite values fail on either side, by count
+    bad_ort, bad_ref = int((~np.isfinite(ort_out)).sum()), int((~np.isfinite(ref)).sum())
+    if bad_ort or bad_ref:
+        side = "PyTorch" if bad_ref else "ONNX Runtime"
+        return {"output": name, "ok": False, "nonfinite_torch": bad_ref, "nonfinite_ort": bad_ort,
+                "error": f"{side} output holds {bad_ref or bad_ort} non-finite value(s) (NaN/inf)"}
     diff = np.abs(ort_out.astype(np.float64) - ref.astype(np.float64))
     bound = atol + rtol * np.abs(ref.astype(np.float64))
     bad = diff > bound
@@ -144,7 +151,7 @@ def compare(name: str, ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: 
     worst = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
     return {
         "output": name,
-        "ok": bool(not bad.any() and np.isfinite(ort_out).all()),
+        "ok": bool(not bad.any()),
         "max_abs": float(diff.max()),
         "max_rel": float((diff / (np.abs(ref) + 1e-12)).max()),
         "mean_abs": float(diff.mean()),
@@ -185,22 +192,32 @@ def export_onnx(
     if out.suffix != ".onnx":
         raise SqueezeError(f"{out}: the output file must end in .onnx")
     _check_options(opset, atol, rtol, batch, seq_len, exporter, ckpt)
-    if out.exists() and not force:
-        raise SqueezeError(f"{out} already exists; pass --force to overwrite it")
+    if reference is not None and reference.family.name != ckpt.family.name:  # was silently ignored
+        raise SqueezeError(f"--ref is a {reference.family.name} model, the checkpoint a {ckpt.family.name} model")
+    rejected = out.with_name(out.stem + ".rejected.onnx")
+    report_path = out.with_name(out.name + ".report.json")
+    out = check_output(out, [ckpt.source, reference.source if reference else None], force=force, kind="file")
+    for side in (rejected, report_path):  # the evidence of an earlier export is not overwritten silently
+        if side.exists() and not force:
+            raise SqueezeError(f"{side} already exists (from an earlier export); pass --force to overwrite it")
+        if side.is_dir():
+            raise SqueezeError(f"{side}: is a folder; remove it or name another output")
 
     model = ckpt.model.eval()
     names = input_names(ckpt)
     inputs = _validation_batches(ckpt, batch, seq_len, data)
     output = next(iter(model_outputs(model, ckpt.family, inputs[0])))
     wrapper = ExportWrapper(model, names, output, ckpt.family.causal).eval()
+    # paths in the report are relative to it (the graph lies beside it): no temp or host paths
     report: dict[str, Any] = {
-        "model": str(out), "checkpoint": str(ckpt.source) if ckpt.source else None, "family": ckpt.family.name,
+        "model": out.name, "checkpoint": str(ckpt.source) if ckpt.source else None, "family": ckpt.family.name,
         "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol, "inputs": names, "outputs": [output],
     }
     start = time.perf_counter()
     rejected = out.with_name(out.stem + ".rejected.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    sweep_stale(out)
+    tmp = temp_name(out)
     try:
         try:
             _torch_export(wrapper, tuple(inputs[0][n] for n in names), names, output, tmp, opset=opset,
@@ -236,7 +253,7 @@ def export_onnx(
                 want = wrapper(*(inp[n] for n in names)).float().numpy()
             shape = "x".join(str(d) for d in inp[names[0]].shape)
             check = {**compare(output, got, want, atol, rtol), "shape": shape}
-            if rule is not None:  # a quantized graph: judged by its rule, element stats kept
+            if rule is not None and "error" not in check:  # a quantized graph: judged by its rule, stats kept
                 verdict = quant_check(got, want, rule)
                 check.update(ok=verdict["ok"], max_abs_ratio=verdict["max_abs_ratio"], rule=rule)
             checks.append(check)
@@ -253,7 +270,7 @@ def export_onnx(
         failed_trt = target == "tensorrt" and not report["tensorrt"]["ok"]
         if failed_validation or failed_trt:
             os.replace(tmp, rejected)
-            report["rejected_model"] = str(rejected)
+            report["rejected_model"] = rejected.name
         else:
             os.replace(tmp, out)
             rejected.unlink(missing_ok=True)
@@ -266,7 +283,7 @@ def export_onnx(
             detail = (f"cosine {bad['cosine']:.5f} (needs >= {bad['rule']['min_cosine']}), max abs / max |twin| "
                       f"{bad['max_abs_ratio']:.3g} (needs <= {bad['rule']['max_abs_ratio']}) at shape {bad['shape']}")
         else:
-            detail = bad.get("error") or (
+            detail = (f"{bad['error']} at shape {bad['shape']}" if "error" in bad else None) or (
                 f"max abs {bad['max_abs']:.3g}, max rel {bad['max_rel']:.3g}, {bad['mismatched']}/{bad['elements']} "
                 f"elements beyond atol={atol:g} rtol={rtol:g} at shape {bad['shape']}"
             )
@@ -288,7 +305,7 @@ def _fidelity(reference: Checkpoint, inputs: list[Batch], names: list[str], ort_
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
     path = out.with_name(out.name + ".report.json")
-    tmp = path.with_name("." + path.name + ".tmp")
+    tmp = temp_name(path)
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)
 
@@ -296,6 +313,19 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # TensorRT readiness (static; TensorRT cannot be installed on these machines)
 # --------------------------------------------------------------------------------------------
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """A graph file that is really a graph: onnx.load reads 0 bytes as an empty model, which any
+    check would then call ready."""
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf's and onnx's own exception types
+        raise SqueezeError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node or not proto.graph.output:
+        raise SqueezeError(f"{path}: an empty ONNX graph ({path.stat().st_size} bytes), nothing to check")
+    return proto
 
 
 def tensorrt_ops() -> dict[str, Any]:

@@ -4,10 +4,16 @@ PyYAML composes a node tree with start marks; we build plain Python data from it
 (safe scalars only, via the SafeLoader's constructors) and keep ``path -> line`` on the side.
 A mapping entry's line is its key's line; a list item's line is the item's first line.
 Duplicate keys are errors (PyYAML would silently keep the last one, hiding a typo).
+
+A recipe is a file from anywhere, so loading it is bounded: its size (``MAX_BYTES``), the values
+it expands to through aliases (``MAX_VALUES``: a "billion laughs" recipe grew ``recipe check`` to
+5 GB), its nesting, and the jobs its matrices fan out to (``MAX_JOBS``: each matrix list is capped
+by the schema, their product was not). NaN and infinity are refused where they are written.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +24,9 @@ from squeeze.compress.errors import SqueezeError
 
 Path_ = tuple  # a location: ("jobs", 1, "steps", 0, "prune", "drop_attn")
 MAX_ERRORS = 12
+MAX_BYTES = 1 << 20  # the largest recipe in recipes/ is ~3 KB
+MAX_VALUES = 100_000  # values built, aliases expanded; a 1000-point sweep recipe builds ~20k
+MAX_JOBS = 1000  # jobs after matrix expansion, over the whole recipe
 
 
 class Positions:
@@ -25,6 +34,7 @@ class Positions:
 
     def __init__(self) -> None:
         self.lines: dict[Path_, int] = {}
+        self.budget = MAX_VALUES  # values left to build (aliases expand)
 
     def line(self, loc: Path_) -> int | None:
         """The line of ``loc``, or of its deepest written ancestor."""
@@ -44,6 +54,8 @@ def fmt_path(loc: Path_) -> str:
 
 def compose(text: str, filename: str = "<recipe>") -> tuple[Any, Positions]:
     """Parse YAML text into plain data plus the line of every value."""
+    if len(text) > MAX_BYTES:
+        raise SqueezeError(f"{filename}: {len(text):,} characters; a recipe is at most {MAX_BYTES:,}")
     loader = yaml.SafeLoader(text)
     pos = Positions()
     try:
@@ -58,18 +70,46 @@ def compose(text: str, filename: str = "<recipe>") -> tuple[Any, Positions]:
         if root is None:
             raise SqueezeError(f"{filename}: the recipe is empty")
         pos.lines[()] = root.start_mark.line + 1
-        return _build(loader, root, (), pos, filename, 0), pos
+        data = _build(loader, root, (), pos, filename, 0)
+        check_jobs(data, pos, filename)
+        return data, pos
     finally:
         loader.dispose()
+
+
+def check_jobs(data: Any, pos: Positions, filename: str) -> None:
+    """Refuse a recipe whose matrices multiply out to more than ``MAX_JOBS`` jobs."""
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        return  # the schema reports it
+    default = (data.get("defaults") or {}).get("matrix") if isinstance(data.get("defaults"), dict) else None
+    total = 0
+    for i, job in enumerate(data["jobs"]):
+        matrix = job.get("matrix", default) if isinstance(job, dict) else None
+        points = 1
+        if isinstance(matrix, dict):
+            for values in matrix.values():
+                points *= len(values) if isinstance(values, list) and values else 1
+        total += points
+        if total > MAX_JOBS:
+            line = pos.line(("jobs", i, "matrix"))
+            where = f"{filename}:{line}" if line else filename
+            raise SqueezeError(f"{where}: {fmt_path(('jobs', i, 'matrix'))}: the matrices expand to more than "
+                               f"{MAX_JOBS} jobs ({points:,} in this one); split the sweep")
 
 
 def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename: str, depth: int) -> Any:
     if depth > 64:
         raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: nesting too deep (recursive alias?)")
+    pos.budget -= 1
+    if pos.budget < 0:
+        raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: the recipe expands to more than "
+                           f"{MAX_VALUES:,} values (aliases of aliases?)")
     if isinstance(node, MappingNode):
         loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                raise SqueezeError(f"{filename}:{key_node.start_mark.line + 1}: a key must be a plain value")
             try:
                 key = loader.construct_object(key_node, deep=True)
             except yaml.YAMLError as exc:
@@ -89,9 +129,12 @@ def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename:
         return items
     assert isinstance(node, ScalarNode)
     try:
-        return loader.construct_object(node, deep=True)
+        value = loader.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: invalid value ({exc})") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: {fmt_path(path)}: {node.value} is not a finite number")
+    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ A rerun with ``--job`` replaces the entries of the jobs it ran and keeps the oth
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from squeeze.compress.checkpoint import atomic_file, squeeze_version
 from squeeze.compress.errors import SqueezeError
 
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+log = logging.getLogger(__name__)
 
 
 def build(results: list, out: Path, recipe_path: str | None, order: list[str]) -> dict[str, Any]:
@@ -22,7 +24,9 @@ def build(results: list, out: Path, recipe_path: str | None, order: list[str]) -
     jobs = {r.job: r.to_dict() for r in results}
     try:
         previous = read(out)
-    except SqueezeError:
+    except SqueezeError as exc:  # a corrupt report must not break every later run: rebuilt from this run
+        if (Path(out) / REPORT_JSON).exists():
+            log.warning("%s; it is replaced by this run's report", exc)
         previous = {}
     for entry in previous.get("jobs", []):
         if entry["job"] in order and entry["job"] not in jobs:
@@ -49,12 +53,34 @@ def read(out: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise SqueezeError(f"{out}: no {REPORT_JSON} here (run `squeeze run RECIPE -o {out}` first)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SqueezeError(f"{path}: not a readable report ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("jobs"), list):
         raise SqueezeError(f"{path}: not a squeeze report")
+    for i, job in enumerate(data["jobs"]):  # every field the table and the merge read, checked here
+        problem = _job_problem(job)
+        if problem:
+            raise SqueezeError(f"{path}: not a squeeze report (jobs[{i}]: {problem})")
     return data
+
+
+def _job_problem(job: Any) -> str | None:
+    if not isinstance(job, dict):
+        return "not an object"
+    if not isinstance(job.get("job"), str) or not isinstance(job.get("status"), str):
+        return "needs a job name and a status"
+    if not isinstance(job.get("rows"), list):
+        return "needs a list of rows"
+    for row in job["rows"]:
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not isinstance(row.get("pass"), str):
+            return "a row needs an integer step and a pass name"
+        if not isinstance(row.get("params"), int) or not isinstance(row.get("fidelity") or {}, dict):
+            return "a row needs params and a fidelity object"
+        for key in ("bytes", "latency_ms", "seconds", "peak_mem_mb"):
+            if row.get(key) is not None and not isinstance(row[key], (int, float)):
+                return f"{key} must be a number"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_interrupted_save_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_model", boom)
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         ck.save(a, tmp_path / "half")
     assert list(tmp_path.iterdir()) == []
