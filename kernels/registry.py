@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import onnx
 import torch
 
-from squeeze.kernels import dequant_linear, dynamic_qlinear, logsqrt2_softmax, quant_dequant, static_qlinear
+from squeeze.kernels import (dense_sparse_linear, dequant_linear, dynamic_qlinear, logsqrt2_softmax, quant_dequant,
+                             static_qlinear)
 from squeeze.kernels.base import DOMAIN, DOMAIN_VERSION, Kernel
 
 KERNELS: dict[str, Kernel] = {
@@ -40,6 +41,7 @@ KERNELS: dict[str, Kernel] = {
         static_qlinear.KERNEL,
         dequant_linear.KERNEL,
         quant_dequant.KERNEL,
+        dense_sparse_linear.KERNEL,
     )
 }
 

@@ -235,3 +235,156 @@ def test_more_than_three_epochs_is_warned_about():
     ctx = PassContext(family=FAMILIES["vit"])
     distill(copy.deepcopy(teacher), teacher, toy_batches("vit", 1, 0), DistillConfig(steps=4), ctx)
     assert any("passes over 1 training batches" in w for w in ctx.warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass, the CLI and recipes
+# --------------------------------------------------------------------------------------------
+
+from squeeze.cli.main import main  # noqa: E402
+from squeeze.compress import checkpoint as ck  # noqa: E402
+from squeeze.compress.evaluate import model_outputs  # noqa: E402
+from squeeze.compress.passes import run_pass  # noqa: E402
+from squeeze.compress.passes.distill import DistillPass, layer_map_from_edits  # noqa: E402
+from squeeze.compress.passes.drop import PrunePass  # noqa: E402
+
+QUICK = {"steps": 3, "samples": 32, "seq_len": 16, "batch_size": 8, "lr": 1e-3, "save_every": 0}
+
+
+def pruned(folder, blocks=(1,)):
+    src = ck.load(folder)
+    ctx = PassContext(family=src.family, checkpoint=src)
+    return run_pass(PrunePass(block_layers=list(blocks)), [src], ctx, measure_fidelity=False)
+
+
+def test_layer_map_composes_the_prune_edits_beyond_the_teachers():
+    e1 = {"pass": "prune", "config": {}, "result": {"blocks": [1]}}
+    e2 = {"pass": "prune", "config": {}, "result": {"blocks": [0, 2]}}
+    q = {"pass": "quantize", "config": {}, "result": {}}
+    assert layer_map_from_edits([e1], [], 4) == [0, 2, 3]
+    assert layer_map_from_edits([e1, q, e2], [], 6) == [2, 4, 5]
+    assert layer_map_from_edits([e1, e2], [e1], 3) == [1]  # the teacher already lost block 1
+    assert layer_map_from_edits([e2], [e1], 3) is None  # not the teacher's descendant
+
+
+@pytest.mark.parametrize("name", ENGINE_FAMILIES)
+def test_pass_heals_every_family_and_reloads_exactly(name, tiny_dirs, tmp_path):
+    student = pruned(tiny_dirs[name])
+    data = "synthetic" if name == "vit" else "builtin"
+    ctx = PassContext(family=student.family, checkpoint=student)
+    new = run_pass(DistillPass(data=data, **QUICK), [student], ctx)
+    res = new.manifest.edits[-1]["result"]
+    assert res["layer_map"] == [0, 2, 3] and res["loss_last"] < res["loss_first"]
+    fid = new.manifest.ledger[-1]["metrics"]["teacher_fidelity"]
+    assert fid["after"]["cos_mean"] > fid["before"]["cos_mean"]
+    ck.save(new, tmp_path / "out")
+    again = ck.load(tmp_path / "out")
+    batch = toy_batches(name, 1, 5)[0]
+    for k, v in model_outputs(new.model, new.family, batch).items():
+        assert torch.equal(v, model_outputs(again.model, again.family, batch)[k])
+
+
+def test_quantized_student_trains_scales_not_codes(tiny_dirs, tmp_path):
+    from squeeze.compress.passes.quantize import QuantizePass
+
+    src = ck.load(tiny_dirs["bert"])
+    q = run_pass(QuantizePass(), [src], PassContext(family=src.family, checkpoint=src), measure_fidelity=False)
+    before = state(q.model)
+    q.model.config._name_or_path = ""
+    new = run_pass(
+        DistillPass(data="builtin", trainable="scales", loss="output", **QUICK),
+        [q],
+        PassContext(family=q.family, checkpoint=q),
+        measure_fidelity=False,
+    )
+    after = state(new.model)
+    assert new.manifest.edits[-1]["result"]["quantized_linears"] > 0
+    codes = [k for k in before if k.endswith("qweight")]
+    scales = [k for k in before if k.endswith("w_scale")]
+    assert codes and all(torch.equal(before[k], after[k]) for k in codes)
+    assert any(not torch.equal(before[k], after[k]) for k in scales)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("w_scale"))
+    ck.save(new, tmp_path / "q")
+    again = ck.load(tmp_path / "q")
+    batch = toy_batches("bert", 1, 5)[0]
+    torch.testing.assert_close(
+        model_outputs(again.model, again.family, batch)["last_hidden_state"],
+        model_outputs(new.model, new.family, batch)["last_hidden_state"],
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_cli_distill_writes_a_healed_checkpoint(tiny_dirs, tmp_path, capsys):
+    assert main(["prune", str(tiny_dirs["gpt2"]), "--block-layers", "2", "-o", str(tmp_path / "p")]) == 0
+    out = tmp_path / "d"
+    args = [
+        "distill",
+        str(tmp_path / "p"),
+        "-o",
+        str(out),
+        "--data",
+        "builtin",
+        "--steps",
+        "3",
+        "--samples",
+        "16",
+        "--seq-len",
+        "16",
+        "--json",
+    ]
+    capsys.readouterr()
+    assert main(args) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["result"]["teacher"] == str(tiny_dirs["gpt2"]) and data["result"]["layer_map"] == [0, 1, 3]
+    assert ck.load(out).manifest.edits[-1]["pass"] == "distill"
+
+
+def _other_vocab(tmp_path):
+    from tiny import make_tiny
+
+    return make_tiny("bert", tmp_path / "bert-v", vocab_size=400)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (["--teacher", "{gpt2}"], "is a gpt2 model, the student a bert model"),
+        (["--teacher", "{other_vocab}"], "has a vocabulary of 400 tokens, the student 384"),
+        (["--steps", "0"], "--steps: Input should be greater than or equal to 1"),
+        (["--lr", "-0.1"], "--lr: Input should be greater than 0"),
+        (["--data", "{empty}"], "no samples (empty file)"),
+        (["--data", "{missing}"], "no such file or folder"),
+        (["--loss", "nope"], "--loss:"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dirs, tmp_path, capsys, case, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    subs = {"{gpt2}": str(tiny_dirs["gpt2"]), "{empty}": str(empty), "{missing}": str(tmp_path / "nope.txt")}
+    if "{other_vocab}" in case:
+        subs["{other_vocab}"] = str(_other_vocab(tmp_path))
+    args = [subs.get(a, a) for a in case]
+    out = tmp_path / "out"
+    assert main(["distill", str(tiny_dirs["bert"]), "-o", str(out), "--data", "builtin", "--steps", "2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err.replace("\n", " ") and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+def test_recipe_step_distills_from_the_jobs_original(tiny_dirs, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\njobs:\n  - name: heal\n    calibration: {source: builtin, samples: 16, seq_len: 16}\n    model: "
+        + str(tiny_dirs["llama"])
+        + "\n    steps:\n"
+        "      - prune: {block_layers: [1]}\n"
+        "      - distill: {steps: 3, data: builtin, samples: 16, seq_len: 16, lr: 0.001}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    folders = [p for p in (tmp_path / "out").rglob("squeeze.json")]
+    edits = [e for p in folders for e in __import__("json").loads(p.read_text())["edits"] if e["pass"] == "distill"]
+    assert edits and edits[0]["result"]["teacher"] == str(tiny_dirs["llama"])
+    assert edits[0]["result"]["layer_map"] == [0, 2, 3]

@@ -1,0 +1,105 @@
+"""``squeeze factorize``: DSFormer dense x sparse factorization with the Straight-Through Factorizer.
+
+squeeze factorize CKPT -o OUT --ratio 0.5                    # init only (alternating minimization)
+squeeze factorize CKPT -o OUT --ratio 0.5 --stf-steps 300    # + STF training and a short fine-tune
+squeeze factorize CKPT -o OUT --rank 64 --nnz 16 --targets mlp
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from squeeze.cli.common import (
+    ForceOpt,
+    JsonOpt,
+    OutOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    TrustPickleOpt,
+    console,
+    data_spec,
+    pass_config,
+    print_json,
+    progress,
+    report_table,
+)
+from squeeze.compress.errors import SqueezeError
+
+
+def factorize(
+    ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
+    output: Path = OutOpt,
+    ratio: float = typer.Option(None, "--ratio", help="Share of each linear's weight bytes kept (0, 1]; default 0.5."),
+    rank: int = typer.Option(None, "--rank", help="k, the columns of D (instead of --ratio)."),
+    nnz: int = typer.Option(None, "--nnz", help="s, non-zeros per column of S (<= rank)."),
+    density: float = typer.Option(0.25, "--density", help="s / k under a --ratio budget."),
+    pattern: str = typer.Option("column", "--pattern", help="column (s per column) or nm (n of every m rows)."),
+    nm_group: int = typer.Option(4, "--nm-group", help="m of the N:M pattern."),
+    targets: str = typer.Option(
+        "attn,mlp", "--targets", help="Roles: attn, mlp, q, k, v, qkv, attn_out, mlp_in, mlp_out."
+    ),
+    iters: int = typer.Option(10, "--iters", help="Alternating-minimization iterations."),
+    coder: str = typer.Option("topk", "--coder", help="S-step: topk (least-squares code, top-s, refit) or omp."),
+    stf_steps: int = typer.Option(0, "--stf-steps", help="Straight-Through Factorizer training steps (0: init only)."),
+    stf_lr: float = typer.Option(1e-4, "--stf-lr", help="STF learning rate."),
+    finetune_steps: int = typer.Option(None, "--finetune-steps", help="Fine-tune steps of D and S (default: stf/4)."),
+    data: str = typer.Option(
+        "builtin", "--data", help="Training data: builtin, synthetic, a .txt/.jsonl file, .npz or image folder."
+    ),
+    samples: int = SamplesOpt,
+    seq_len: int = SeqLenOpt,
+    force: bool = ForceOpt,
+    trust_pickle: bool = TrustPickleOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Replace linears by a small dense D times a column-sparse S (y = D (S x) + b)."""
+    from squeeze.compress.passes.factorize import FactorizeConfig
+
+    cfg = pass_config(
+        FactorizeConfig,
+        "factorize",
+        ratio=ratio,
+        rank=rank,
+        nnz=nnz,
+        density=density,
+        pattern=pattern,
+        nm_group=nm_group,
+        targets=targets,
+        iters=iters,
+        coder=coder,
+        stf_steps=stf_steps,
+        stf_lr=stf_lr,
+        finetune_steps=stf_steps // 4 if finetune_steps is None else finetune_steps,
+    )
+    if output.exists() and not force:
+        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
+    spec = data_spec(data, samples, seq_len)
+
+    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.passes import PassContext, run_pass
+    from squeeze.compress.passes.factorize import FactorizePass
+
+    model = load(ckpt, trust_pickle=trust_pickle)
+    pass_ = FactorizePass(cfg)
+    pass_.check(model.family, [model.model])
+    with progress() as bar:
+        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
+        new = run_pass(pass_, [model], ctx)
+    save(new, output, force=force)
+    report = new.manifest.ledger[-1]
+    if as_json:
+        print_json({"report": report, "output": str(output)})
+        return
+    console.print(report_table(report))
+    m = report["metrics"]
+    console.print(
+        f"{m['factorized_linears']} linears at {m['linear_ratio']:.3f} of their bytes; relative weight "
+        f"error {m['init_error_mean']:.4f} (truncated SVD of equal bytes: {m['svd_error_mean']:.4f})"
+    )
+    console.print(f"wrote {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("factorize")(factorize)
