@@ -9,11 +9,13 @@ from squeeze.compress.passes.drop import PrunePass
 from squeeze.compress.passes.factorize import FactorizePass
 from squeeze.compress.passes.logit_merge import LogitMerge
 from squeeze.compress.passes.quantize import QuantizePass
+from squeeze.compress.passes.reparam.reparam import ReparamPass
 
 REGISTRY: dict[str, type[Pass]] = {
     "prune": PrunePass,
     "merge": LogitMerge,
     "quantize": QuantizePass,
+    "reparam": ReparamPass,
     "factorize": FactorizePass,
 }
 

@@ -1,0 +1,81 @@
+"""``squeeze reparam``: SLAB's progressive LayerNorm -> RepBN, folded away; optional SLA for ViT.
+
+Examples::
+
+    squeeze reparam CKPT -o OUT                              # every norm, 600 steps, folded
+    squeeze reparam CKPT -o OUT --data digits.npz --attention sla --steps 1000
+    squeeze reparam CKPT -o OUT --no-fold                    # keep RepBN modules (to train further)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.compress.errors import SqueezeError
+
+
+def reparam(
+    ckpt: Annotated[str, typer.Argument(help="Model folder, pkg:NAME/sub or squeeze folder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (written atomically).")],
+    norms: Annotated[str, typer.Option(help="Which norms: all, attn, mlp or final.")] = "all",
+    steps: Annotated[int, typer.Option(help="Optimizer steps of distillation against the original.")] = 600,
+    warmup: Annotated[int, typer.Option(help="Steps with gamma = 1 (the original norm only) first.")] = 0,
+    decay: Annotated[int, typer.Option(help="Steps of the gamma 1 -> 0 decay (-1: half of steps - warmup).")] = -1,
+    attention: Annotated[str, typer.Option(help="keep, or sla (simplified linear attention, ViT).")] = "keep",
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold every RepBN into its neighbours.")] = True,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    accumulate: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
+    data: Annotated[
+        str, typer.Option("--data", "--calib", help="Training data: builtin, a .txt/.jsonl file, an .npz or images.")
+    ] = "builtin",
+    samples: Annotated[int, typer.Option(min=1, max=100_000, help="Training samples.")] = 300,
+    seq_len: Annotated[int, typer.Option(min=4, max=32_768, help="Tokens per sample.")] = 128,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow pickle weights (read with weights_only=True).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Replace norms by RepBN progressively (distilled against the original), then fold them away."""
+    from squeeze.compress.passes.reparam.reparam import ReparamConfig, ReparamPass
+
+    cfg = pass_config(
+        ReparamConfig,
+        "reparam",
+        norms=norms,
+        steps=steps,
+        warmup=warmup,
+        decay=None if decay == -1 else decay,
+        attention=attention,
+        fold=fold,
+        lr=lr,
+        accumulate=accumulate,
+    )
+    if output.exists() and not force:
+        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
+    spec = data_spec(data, samples, seq_len)
+
+    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.passes import PassContext, run_pass
+
+    model = load(ckpt, trust_pickle=trust_pickle)
+    pass_ = ReparamPass(cfg)
+    pass_.check(model.family, [model.model])
+    with progress() as bar:
+        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
+        new = run_pass(pass_, [model], ctx)
+    save(new, output, force=force)
+    report = new.manifest.ledger[-1]
+    if as_json:
+        print_json({"report": report, "output": str(output)})
+        return
+    console.print(report_table(report))
+    for line in report["metrics"]["reparam"]["summary"]:
+        console.print(f"  - {line}")
+    console.print(f"wrote {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("reparam")(reparam)

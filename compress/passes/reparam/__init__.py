@@ -1,0 +1,1 @@
+"""SLAB (ICML 2024): progressive LayerNorm -> RepBN with an exact fold, and simplified linear attention."""
