@@ -29,8 +29,14 @@ from typing import Any, Iterator
 import onnx
 import torch
 
-from squeeze.kernels import (dense_sparse_linear, dequant_linear, dynamic_qlinear, logsqrt2_softmax, quant_dequant,
-                             static_qlinear)
+from squeeze.kernels import (
+    dense_sparse_linear,
+    dequant_linear,
+    dynamic_qlinear,
+    logsqrt2_softmax,
+    quant_dequant,
+    static_qlinear,
+)
 from squeeze.kernels.base import DOMAIN, DOMAIN_VERSION, Kernel
 
 KERNELS: dict[str, Kernel] = {
