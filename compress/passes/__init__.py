@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassReport, run_pass
+from squeeze.compress.passes.distill import DistillPass
 from squeeze.compress.passes.drop import PrunePass
 from squeeze.compress.passes.factorize import FactorizePass
 from squeeze.compress.passes.logit_merge import LogitMerge
@@ -15,6 +16,7 @@ REGISTRY: dict[str, type[Pass]] = {
     "prune": PrunePass,
     "merge": LogitMerge,
     "quantize": QuantizePass,
+    "distill": DistillPass,
     "reparam": ReparamPass,
     "factorize": FactorizePass,
 }
