@@ -28,8 +28,8 @@ from typing import Callable, Literal
 import torch
 import transformers
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from squeeze.compress import surgery
 from squeeze.compress.errors import SqueezeError
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,7 @@ class PassThroughOutput(nn.Module):
         return input_tensor if self.norm is None else self.norm(input_tensor)
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path) if path else root
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(_get(root, parent), name, module)
+_get, _set = surgery.get_module, surgery.set_module
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +132,14 @@ class Family:
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self.layers(model))
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """Call ``model`` on a batch the way squeeze always does: the model's inputs only (no
+        ``labels``), ``return_dict``, and no KV cache for decoders. Returns the model's output."""
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.causal:
+            kwargs["use_cache"] = False
+        return model(**kwargs, return_dict=True)
 
     def role_path(self, role: str) -> str | tuple[str, ...] | None:
         if role not in self.roles:
@@ -189,44 +191,12 @@ class Family:
                 out[role] = mod
         return out
 
-    # ---------------- weights in (out, in) layout ----------------
+    # ---------------- weights in (out, in) layout (compress/surgery.py) ----------------
 
-    @staticmethod
-    def is_linear(module: nn.Module) -> bool:
-        return isinstance(module, (nn.Linear, Conv1D))
-
-    @staticmethod
-    def linear_weight(module: nn.Module) -> torch.Tensor:
-        """The weight of a Linear or Conv1D as an ``(out, in)`` tensor (a view, not a copy)."""
-        if isinstance(module, Conv1D):
-            return module.weight.t()
-        if isinstance(module, nn.Linear):
-            return module.weight
-        raise TypeError(f"not a linear module: {type(module).__name__}")
-
-    @staticmethod
-    def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
-        """Write an ``(out, in)`` weight into a Linear or Conv1D in place."""
-        with torch.no_grad():
-            if isinstance(module, Conv1D):
-                module.weight.copy_(weight.t())
-            elif isinstance(module, nn.Linear):
-                module.weight.copy_(weight)
-            else:
-                raise TypeError(f"not a linear module: {type(module).__name__}")
-
-    @staticmethod
-    def as_linear(module: nn.Module) -> nn.Linear:
-        """An ``nn.Linear`` computing the same function as a Linear or Conv1D."""
-        if isinstance(module, nn.Linear):
-            return module
-        w = Family.linear_weight(module)
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if module.bias is not None:
-                lin.bias.copy_(module.bias)
-        return lin
+    is_linear = staticmethod(surgery.is_linear)
+    linear_weight = staticmethod(surgery.linear_weight)
+    set_linear_weight = staticmethod(surgery.set_linear_weight)
+    as_linear = staticmethod(surgery.as_linear)
 
     # ---------------- fused qkv ----------------
 

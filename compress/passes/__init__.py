@@ -4,10 +4,21 @@ step name are the same word. No import side effects, no package walking."""
 from __future__ import annotations
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassReport, run_pass
+from squeeze.compress.passes.base import (
+    Edit,
+    ExportRule,
+    MultiModelConfig,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassReport,
+    PassResult,
+    run_pass,
+)
 from squeeze.compress.passes.distill import DistillPass
 from squeeze.compress.passes.drop import PrunePass
 from squeeze.compress.passes.factorize import FactorizePass
+from squeeze.compress.passes.fuse import FusePass
 from squeeze.compress.passes.logit_merge import LogitMerge
 from squeeze.compress.passes.quantize import QuantizePass
 from squeeze.compress.passes.reparam.reparam import ReparamPass
@@ -19,6 +30,7 @@ REGISTRY: dict[str, type[Pass]] = {
     "distill": DistillPass,
     "reparam": ReparamPass,
     "factorize": FactorizePass,
+    "fuse": FusePass,
 }
 
 
@@ -30,4 +42,5 @@ def get_pass(name: str) -> type[Pass]:
         raise SqueezeError(f"unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY)) or 'none'}") from None
 
 
-__all__ = ["REGISTRY", "Edit", "Pass", "PassConfig", "PassContext", "PassReport", "get_pass", "run_pass"]
+__all__ = ["REGISTRY", "Edit", "ExportRule", "MultiModelConfig", "Pass", "PassConfig", "PassContext", "PassReport",
+           "PassResult", "get_pass", "run_pass"]

@@ -8,6 +8,14 @@ A pass is a frozen pydantic config plus a class with two halves:
 * ``restructure(model, edit, family)`` re-creates the shapes from a manifest edit, with no data,
   so that ``checkpoint.load`` can then load the state dict strictly.
 
+Typed results: a pass declares ``Result: ClassVar[type[PassResult]]``; ``apply`` puts either that
+model or its ``model_dump(mode="json")`` into ``ctx.result`` (``run.apply`` stores the dump in the
+manifest edit); ``pass_.result_of(edit)`` reads it back typed, ``pass_.summary(result)`` gives the
+lines the CLI prints, ``pass_.export_rule(edit)`` how ``squeeze export`` validates a graph that
+carries this edit (None: elementwise tolerances). Multi-model passes take a
+:class:`MultiModelConfig`, whose ``others`` lists the extra model references (recipe key
+``others``; ``with`` is still read).
+
 Passes never print: they log, and report progress through ``ctx.progress``; only ``cli/`` draws.
 """
 
@@ -20,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
@@ -39,6 +47,56 @@ class PassConfig(BaseModel):
     """Base of every pass config: unknown keys are errors, and configs never change."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MultiModelConfig(PassConfig):
+    """Base of the configs of multi-model passes (fuse, merge): ``others`` are the model references
+    that join the input, in order (the recipe engine and ``run.apply`` load them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    others: list[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("others", "with", "with_"),
+        description="the other models (references), in order, after the input",
+    )
+
+
+class PassResult(BaseModel):
+    """What a pass records in its manifest edit. Subclasses declare their fields (and may forbid
+    extras); this base keeps any keys, for passes that declare no Result."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def summary(self) -> list[str]:
+        """One-line facts for the CLI (no markup)."""
+        return []
+
+
+class ExportRule(BaseModel):
+    """How an exported graph is validated when elementwise tolerances do not suit it: cosine of
+    (ORT, PyTorch) at least ``min_cosine`` and max |ORT - PyTorch| / max |PyTorch| at most
+    ``max_abs_ratio``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_cosine: float
+    max_abs_ratio: float
+
+    def loosest(self, other: "ExportRule | None") -> "ExportRule":
+        if other is None:
+            return self
+        return ExportRule(
+            min_cosine=min(self.min_cosine, other.min_cosine),
+            max_abs_ratio=max(self.max_abs_ratio, other.max_abs_ratio),
+        )
+
+
+def result_dump(result: "PassResult | dict[str, Any]") -> dict[str, Any]:
+    """``ctx.result`` as the JSON-able dict the manifest stores."""
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    return dict(result)
 
 
 class Edit(BaseModel):
@@ -84,7 +142,8 @@ class PassContext:
     seed: int = 0
     device: str = "cpu"
     progress: ProgressFn | None = None
-    result: dict[str, Any] = field(default_factory=dict)
+    #: what apply records for the manifest: the pass's Result model or its JSON dump
+    result: "PassResult | dict[str, Any]" = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     #: every input checkpoint, in order (set by run_pass; multi-model passes read side files)
@@ -133,6 +192,10 @@ class Pass(ABC):
     multi_model: ClassVar[bool] = False
     #: apply() reads ctx.calib_batches()
     needs_calibration: ClassVar[bool] = False
+    #: the output wraps its input models (merge): single-model passes must not run on it
+    wraps_models: ClassVar[bool] = False
+    #: the typed manifest result
+    Result: ClassVar[type[PassResult]] = PassResult
 
     def __init__(self, config: PassConfig | None = None, **kwargs: Any):
         self.config = config if config is not None else self.Config(**kwargs)
@@ -147,6 +210,22 @@ class Pass(ABC):
     @abstractmethod
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
         """Re-create the shapes an ``apply`` produced, from the manifest edit alone."""
+
+    def result_of(self, edit: "Edit | dict[str, Any]") -> PassResult:
+        """The typed result of a manifest edit of this pass."""
+        raw = edit.result if isinstance(edit, Edit) else dict(edit.get("result") or {})
+        return self.Result.model_validate(raw)
+
+    def summary(self, result: "PassResult | dict[str, Any]") -> list[str]:
+        """Lines the CLI prints after a run (the Result's own ``summary()`` by default)."""
+        if not isinstance(result, PassResult):
+            result = self.Result.model_validate(result)
+        return result.summary()
+
+    def export_rule(self, edit: Edit) -> ExportRule | None:
+        """How to validate an exported graph of a model that carries ``edit`` (None: the
+        ordinary elementwise tolerances)."""
+        return None
 
 
 def count_params(model: nn.Module) -> int:
@@ -223,6 +302,6 @@ def run_pass(
         metrics=dict(ctx.metrics),
     )
     manifest = first.manifest.with_edit(
-        Edit(pass_name=pass_.name, config=config, result=dict(ctx.result)), report.to_dict()
+        Edit(pass_name=pass_.name, config=config, result=result_dump(ctx.result)), report.to_dict()
     )
     return Checkpoint(model=model, family=first.family, manifest=manifest, source=first.source)

@@ -1,66 +1,25 @@
 """Scoring for ``prune`` (LLM-Drop): per-layer similarity of the residual stream, layer by layer.
 
-``S = mean over real tokens of cos(X, Y)`` in fp32. A forward with every layer swapped for a
-catcher records the stream entering layer 0 and each layer's other arguments (masks, rotary
-tables; sliding-window models have one mask per layer type); then each layer runs over all
-calibration batches and its outputs feed the next, so memory holds one layer's activations for
-the calibration set (plus ``span`` more for consecutive block scores), never the network's.
+``S = mean over real tokens of cos(X, Y)`` in fp32, walking the layers with
+:class:`~squeeze.compress.capture.Layerwise` (each layer runs once over all calibration batches
+and its outputs feed the next), so memory holds one layer's activations for the calibration set
+(plus ``span`` more for consecutive block scores), never the network's.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeeze.compress.calibration import Batch, model_inputs
+from squeeze.compress.capture import Batch, Layerwise
 from squeeze.compress.families import Family
-from squeeze.compress.passes.base import ProgressFn
 
-
-class _Stop(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for one layer: records its call and passes the hidden states on unchanged."""
-
-    def __init__(self, calls: list, last: bool):
-        super().__init__()
-        self.calls, self.last = calls, last
-
-    def forward(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        if self.last:
-            raise _Stop
-        return args[0]
-
-
-def _capture(model: nn.Module, family: Family, batches: list[Batch]) -> list[list[tuple[tuple, dict]]]:
-    """``calls[i][b] = (args, kwargs)`` of layer i on batch b; ``calls[0][b][0][0]`` is the
-    stream entering layer 0. Layers i > 0 reuse their own masks (sliding-window models have
-    one per layer type) with the stream computed layer by layer."""
-    layers = family.layers(model)
-    original = list(layers)
-    calls: list[list] = [[] for _ in original]
-    try:
-        for i in range(len(layers)):
-            layers[i] = _Catcher(calls[i], last=i == len(original) - 1)
-        for batch in batches:
-            kwargs = dict(model_inputs(batch))
-            if family.causal:
-                kwargs["use_cache"] = False
-            try:
-                model(**kwargs)
-            except _Stop:
-                pass
-    finally:
-        for i, layer in enumerate(original):
-            layers[i] = layer
-    return calls
+ProgressFn = Callable[[str, int, int], None]
 
 
 def _cos_sum(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
@@ -80,38 +39,34 @@ def layer_scores(model: nn.Module, family: Family, batches: list[Batch], *, span
     ``cos(h_i, h_{i+n})`` for i in 0..L-n. Skipped sublayers score ``-inf``.
     """
     model.eval()
-    layers = family.layers(model)
-    n_layers = len(layers)
-    calls = _capture(model, family, batches)
-    hs = [c[0][0] for c in calls[0]]  # (B, T, C) per batch: the stream entering layer 0
-    masks = [b.get("attention_mask") for b in batches]
+    walk = Layerwise(model, family, batches)
+    n_layers = len(walk)
+    masks = walk.masks
     out: dict[str, list[float]] = {"attn": [], "mlp": [], "block": []}
     if span:
         out["span"] = []
         history: collections.deque = collections.deque(maxlen=span)
-    for i, layer in enumerate(layers):
+    for i in walk:
+        layer, hs = walk.layer, walk.inputs
         if span:
             history.append(list(hs))
         sums = {"attn": [0.0, 0], "mlp": [0.0, 0], "block": [0.0, 0], "span": [0.0, 0]}
         mid: list[torch.Tensor] = []
         handle = family.residual_tap(layer).register_forward_pre_hook(lambda m, a: mid.append(a[0]))
         try:
-            for b, h in enumerate(hs):
-                args, kwargs = calls[i][b]
-                mid.clear()
-                y = layer(h, *args[1:], **kwargs)
-                y = y[0] if isinstance(y, tuple) else y
-                for key, (x, z) in (("attn", (h, mid[0])), ("mlp", (mid[0], y)), ("block", (h, y))):
-                    s, n = _cos_sum(x, z, masks[b])
-                    sums[key][0] += s
-                    sums[key][1] += n
-                if span and len(history) == span:
-                    s, n = _cos_sum(history[0][b], y, masks[b])
-                    sums["span"][0] += s
-                    sums["span"][1] += n
-                hs[b] = y
+            ys = walk.run()
         finally:
             handle.remove()
+        for b, (h, y) in enumerate(zip(hs, ys, strict=True)):
+            for key, (x, z) in (("attn", (h, mid[b])), ("mlp", (mid[b], y)), ("block", (h, y))):
+                s, n = _cos_sum(x, z, masks[b])
+                sums[key][0] += s
+                sums[key][1] += n
+            if span and len(history) == span:
+                s, n = _cos_sum(history[0][b], y, masks[b])
+                sums["span"][0] += s
+                sums["span"][1] += n
+        walk.keep(ys)
         for key in ("attn", "mlp", "block"):
             out[key].append(sums[key][0] / max(sums[key][1], 1))
         if span and len(history) == span:

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from squeeze.compress.quant.uniform import Grid, params_from_range
+from squeeze.compress.surgery import fold_into_consumer, fold_into_norm
+
+__all__ = ["Reparam", "fold_into_consumer", "fold_into_norm", "from_channel_ranges", "smoothing"]
 
 
 @dataclass
@@ -64,25 +67,3 @@ def smoothing(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: floa
     r = ax.pow(alpha) / aw.pow(1 - alpha)
     r = r / r.log().mean().exp()
     return r.clamp(1e-3, 1e3)
-
-
-def fold_into_norm(norm: torch.nn.Module, r: torch.Tensor, delta: torch.Tensor) -> None:
-    """gamma' = gamma / r, beta' = beta / r - delta, in place. A norm without a bias (RMSNorm)
-    accepts only delta == 0."""
-    with torch.no_grad():
-        norm.weight.div_(r)
-        bias = getattr(norm, "bias", None)
-        if bias is not None:
-            bias.div_(r).sub_(delta)
-        elif bool((delta != 0).any()):
-            raise ValueError("this norm has no bias to absorb the zero-point shift")
-
-
-def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, r: torch.Tensor,
-                       delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W' = W diag(r), b' = b + W' delta (a new bias when there was none and delta != 0)."""
-    w = weight.detach() * r[None, :]
-    if bool((delta != 0).any()):
-        b = (bias.detach() if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + w @ delta
-        return w, b
-    return w, (bias.detach() if bias is not None else None)
