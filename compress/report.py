@@ -154,37 +154,82 @@ def markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (smaller x, larger y), by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _baselines(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Reference points: each job's original (fp32) model, an export straight from it (the fp32
+    graph), and ``report["baselines"]`` rows (e.g. ORT's own dynamic quantization) where measured."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for job in report["jobs"]:
+        rows = {r["step"]: r for r in job["rows"]}
+        if 0 in rows and not any(name == "fp32 (original)" for name, _ in out):
+            out.append(("fp32 (original)", {**rows[0], "cos": 1.0}))
+        first = rows.get(1)
+        if first and first["pass"] == "export" and first.get("latency_ms"):
+            cos = (first.get("fidelity") or {}).get("cos_mean", 1.0)
+            out.append((f"fp32 ONNX ({job['job']})", {**first, "cos": cos}))
+    for name, row in (report.get("baselines") or {}).items():
+        if isinstance(row, dict):
+            out.append((name, {**row, "cos": (row.get("fidelity") or {}).get("cos_mean", row.get("cos_mean"))}))
+    return out
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Fidelity (mean cosine vs the original) against latency and against size: a line per job,
-    a marker per step."""
+    """Fidelity (mean cosine vs the original) against latency and against size: a marker per
+    step, a line per job, the Pareto front dashed, baselines as black stars; labels only on the
+    front (the rest are in the legend and the table), the legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(11, 4.5))
-    markers = "osD^v<>pP*Xh"
-    for n, job in enumerate(report["jobs"]):
-        color = f"C{n % 10}"
-        pts = [(r, 1.0 if r["step"] == 0 else (r.get("fidelity") or {}).get("cos_mean")) for r in job["rows"]]
-        pts = [(r, c) for r, c in pts if c is not None]
-        size = [(r["bytes"] / 2**20, c, r) for r, c in pts if r.get("bytes")]
-        lat = [(r["latency_ms"], c, r) for r, c in pts if r.get("latency_ms")]
-        for ax, series in ((ax_size, size), (ax_lat, lat)):
-            if not series:
-                continue
-            ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-", color=color, alpha=0.6, label=job["job"])
-            for x, y, r in series:
-                ax.plot(x, y, markers[r["step"] % len(markers)], color=color)
-                ax.annotate(f"{r['step']} {r['pass']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax_lat.set(xlabel="ONNX Runtime latency (ms)", ylabel="cosine vs original (mean)", title="fidelity vs latency")
-    ax_size.set(xlabel="size on disk (MB)", ylabel="cosine vs original (mean)", title="fidelity vs size")
-    if not any(r.get("latency_ms") for j in report["jobs"] for r in j["rows"]):
-        ax_lat.text(0.5, 0.5, "no step exported", ha="center", va="center", transform=ax_lat.transAxes)
-    for ax in (ax_lat, ax_size):
+    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(13, 5))
+    panels = ((ax_lat, "latency_ms", 1.0), (ax_size, "bytes", 1 / 2**20))
+    for ax, key, scale in panels:
+        pts: list[tuple[float, float, str]] = []
+        for n, job in enumerate(report["jobs"]):
+            series = []
+            for r in job["rows"]:
+                cos = 1.0 if r["step"] == 0 else (r.get("fidelity") or {}).get("cos_mean")
+                if cos is not None and r.get(key):
+                    series.append((r[key] * scale, cos, f"{job['job']}: {r['step']} {r['pass']}"))
+            if series:
+                ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-o", color=f"C{n % 10}", alpha=0.7,
+                        markersize=5, label=job["job"])
+                pts += series
+        for name, row in _baselines(report):
+            if row.get(key) and row.get("cos") is not None:
+                ax.plot(row[key] * scale, row["cos"], "*", color="black", markersize=13, zorder=5)
+                ax.annotate(name, (row[key] * scale, row["cos"]), textcoords="offset points", xytext=(6, -12),
+                            fontsize=8)
+        front = [pts[i] for i in pareto([(x, y) for x, y, _ in pts])]
+        if len(front) > 1:
+            ax.step([x for x, _, _ in front], [y for _, y, _ in front], "--", where="post", color="grey", lw=1,
+                    label="Pareto front")
+        for k, (x, y, label) in enumerate(front):  # alternate sides so neighbouring labels do not overlap
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 8 if k % 2 == 0 else -14), fontsize=8,
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
+        if not pts:
+            ax.text(0.5, 0.5, "no step exported" if key == "latency_ms" else "no sizes", ha="center", va="center",
+                    transform=ax.transAxes)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+    ax_lat.set(xlabel="ONNX Runtime latency (ms, lower is better)", ylabel="cosine vs original (mean, higher is better)",
+               title="fidelity vs latency")
+    ax_size.set(xlabel="size on disk (MB, lower is better)", title="fidelity vs size")
+    handles, labels = ax_size.get_legend_handles_labels()
+    if not handles:
+        handles, labels = ax_lat.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,101 @@
+"""What issue 16 fixed that is not a bad input: deterministic bytes, temp folders swept, eval of a
+whole data file, the report's Pareto front, latency in a fresh interleaved process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from squeeze.cli.main import main
+from squeeze.compress import checkpoint as ck
+from squeeze.compress import report
+from squeeze.compress.errors import SqueezeError
+from squeeze.compress.paths import check_output
+
+
+def test_tied_weights_save_to_identical_bytes_with_one_metadata_key(tiny_dirs, tmp_path):
+    gpt2 = ck.load(tiny_dirs["gpt2"])  # tied embedding / head: safetensors' save_model made a key per alias
+    files = [ck.save(gpt2, tmp_path / f"o{i}") / "model.safetensors" for i in range(2)]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    n = int.from_bytes(files[0].read_bytes()[:8], "little")
+    header = json.loads(files[0].read_bytes()[8 : 8 + n])
+    assert header["__metadata__"] == {"format": "pt"}  # alias keys were written in hash order
+    again = ck.load(tmp_path / "o0")  # re-tied on load, checksum verified
+    assert again.model.lm_head.weight.data_ptr() == again.model.transformer.wte.weight.data_ptr()
+
+
+def test_stale_temp_of_a_dead_process_is_swept(tiny_dirs, tmp_path):
+    stale = tmp_path / ".out.tmp-999999999"
+    stale.mkdir()
+    (stale / "step.json").write_text("{}")
+    ck.save(ck.load(tiny_dirs["bert"]), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_completion_marks_are_not_copied_and_inner_links_are(tiny_dirs, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dirs["bert"], src)
+    (src / "step.json").write_text('{"key": "x"}')
+    (src / "extra.txt").write_text("kept")
+    (src / "alias.txt").symlink_to("extra.txt")
+    out = ck.save(ck.load(src), tmp_path / "out")
+    assert not (out / "step.json").exists()
+    assert (out / "alias.txt").read_text() == "kept" and not (out / "alias.txt").is_symlink()
+
+
+def test_output_rules(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert check_output("new", ["model"]) == tmp_path / "new"
+    assert check_output("model/m.onnx", ["model"], kind="file") == tmp_path / "model/m.onnx"  # a file beside it
+    for out, words in (("model", "overwrite the input"), (".", "holds the input"), ("model/x", "inside the input")):
+        with pytest.raises(SqueezeError, match=words):
+            check_output(out, ["model"], force=True)
+
+
+def test_eval_reads_every_row_of_a_data_file(tiny_dirs, tmp_path, capsys):
+    rows = [{"text": f"sample number {i} of the labelled file", "label": i % 2} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    bert = str(tiny_dirs["bert"])
+    assert main(["eval", bert, "--ref", bert, "--data", str(tmp_path / "d.jsonl"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 40  # was 10: the last quarter only
+    assert result["cos_mean"] == pytest.approx(1.0)
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.5), (2.0, 0.9), (1.5, 0.4), (3.0, 0.95), (2.5, 0.8), (1.0, 0.45)]
+    assert report.pareto(pts) == [0, 1, 3]
+
+
+def test_plot_with_baselines(tmp_path):
+    def row(step, name, size, lat, cos):
+        return {"step": step, "pass": name, "params": 10, "bytes": size, "latency_ms": lat,
+                "fidelity": {} if step == 0 else {"cos_mean": cos}}
+
+    data = {"format": 1, "jobs": [
+        {"job": "fp32", "status": "ok", "rows": [row(0, "original", 90e6, None, 1), row(1, "export", 90e6, 8.0, 1.0)]},
+        {"job": "int8", "status": "ok", "rows": [row(0, "original", 90e6, None, 1), row(1, "quantize", 25e6, None, 0.99),
+                                                 row(2, "export", 25e6, 4.0, 0.99)]}],
+        "baselines": {"ORT dynamic int8": {"bytes": 23e6, "latency_ms": 4.5, "cos_mean": 0.985}}}
+    names = [n for n, _ in report._baselines(data)]
+    assert names == ["fp32 (original)", "fp32 ONNX (fp32)", "ORT dynamic int8"]
+    report.plot(data, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latency_in_a_fresh_process_against_a_reference(tiny_dirs, tmp_path):
+    from squeeze.compress.export import export_onnx
+    from squeeze.compress.latency import measure
+
+    bert = ck.load(tiny_dirs["bert"])
+    rep = export_onnx(bert, tmp_path / "m.onnx", latency=False)
+    assert rep["model"] == "m.onnx"  # no temp or host path in the report
+    feeds = {"input_ids": [[2, 40, 41, 3]], "attention_mask": [[1, 1, 1, 1]], "token_type_ids": [[0, 0, 0, 0]]}
+    res = measure(tmp_path / "m.onnx", feeds, reference=tmp_path / "m.onnx", rounds=5, runs=3)
+    assert res["latency_ms"] > 0 and res["reference_ms"] > 0
+    lo, hi = res["ratio_spread"]
+    assert lo <= res["latency_ratio"] <= hi
+    assert 0.5 < res["latency_ratio"] < 2.0  # the same graph against itself (measured 0.93-1.07 here)
