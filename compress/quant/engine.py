@@ -1,10 +1,11 @@
 """The quantization procedure, layer by layer, and its replay from the manifest.
 
-``quantize_model`` walks the transformer layers in order. For layer i it runs the calibration
-batches through the model (layers < i already quantized, the forward stopped after layer i),
+``quantize_model`` walks the transformer layers in order (``capture.Layerwise``: each layer runs
+on the outputs of the already quantized layers before it, O(L) layer forwards in all, where the
+former prefix re-runs cost O(L^2)). For layer i it runs the layer over the calibration batches,
 capturing the input of every linear group; decides each group's transform, input quantizer and
 integer weights (``groups.py``); swaps the linears for :class:`QuantLinear`; then, with static
-activations, runs once more to calibrate the attention quantizers of layer i on the inputs the
+activations, runs the layer once more to calibrate the attention quantizers of layer i on the inputs the
 quantized linears now produce (RepQ-ViT's re-calibration pass). Embedding tables are quantized
 last. Everything ``restructure`` needs is returned as a JSON-able ``result``.
 """
@@ -12,14 +13,15 @@ last. Everything ``restructure`` needs is returned as a JSON-able ``result``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from squeeze.compress.calibration import Batch
-from squeeze.compress.evaluate import model_outputs
+from squeeze.compress.capture import Layerwise, record
 from squeeze.compress.families import Family
 from squeeze.compress.quant import attention as qattn
 from squeeze.compress.quant import groups as G
@@ -47,10 +49,6 @@ class Scheme:
     alphas: tuple[float, ...]
     softmax: str  # logsqrt2 | uniform | float  (static only)
     seed: int = 0
-
-
-class _Stop(Exception):
-    pass
 
 
 def n_blocks(channels: int, block_size: int) -> int:
@@ -109,38 +107,24 @@ class Captured:
         return torch.cat(self.batches)
 
 
-def run_until(model: nn.Module, family: Family, batches: list[Batch], stop: nn.Module,
-              taps: dict[str, nn.Module]) -> dict[str, Captured]:
-    """Run ``batches``; capture the first input of each tap module; stop once ``stop`` has run."""
-    seen: dict[str, Captured] = {k: Captured([], []) for k in taps}
-    current: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def tap(key: str):
-        def hook(_mod, args):
-            x = args[0].detach()
-            mask = current["mask"]
-            seen[key].batches.append(x.reshape(-1, x.shape[-1]).float())
-            seen[key].masks.append(mask.reshape(-1) if mask is not None and mask.shape == x.shape[:2] else None)
-        return hook
-
-    def halt(*_):
-        raise _Stop
-
-    handles = [m.register_forward_pre_hook(tap(k)) for k, m in taps.items()]
-    handles.append(stop.register_forward_hook(halt))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                mask = b.get("attention_mask")
-                current["mask"] = mask.bool() if mask is not None and not bool(mask.all()) else None
-                try:
-                    model_outputs(model, family, b)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: v for k, v in seen.items() if v.batches}
+def capture_inputs(walk: Layerwise, taps: dict[str, nn.Module]) -> dict[str, Captured]:
+    """Run the walk's current layer once over its inputs; capture the first input of each tap
+    module, with each batch's padding mask (None when the batch has no padding)."""
+    with record(taps, what="input") as seen:
+        walk.run()
+    masks = [m.bool() if m is not None and not bool(m.all()) else None for m in walk.masks]
+    out: dict[str, Captured] = {}
+    for key, xs in seen.items():
+        if not xs:
+            continue
+        cap = Captured([], [])
+        per_batch = len(xs) == len(masks)  # one call per batch: each input gets its batch's mask
+        for j, x in enumerate(xs):
+            mask = masks[j] if per_batch else None
+            cap.batches.append(x.reshape(-1, x.shape[-1]).float())
+            cap.masks.append(mask.reshape(-1) if mask is not None and mask.shape == x.shape[:2] else None)
+        out[key] = cap
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,12 +224,14 @@ def quantize_model(model: nn.Module, family: Family, batches: list[Batch], schem
         family.use_attention_function(model, qattn.NAME, qattn.attention)
     result: dict[str, Any] = {"linears": {}, "embeddings": {}, "attention": None}
     decisions: dict[str, Any] = {}
-    for i, layer in enumerate(layers):
+    walk = Layerwise(model, family, batches)  # after the attention route: the masks follow it
+    for i in walk:
+        layer = walk.layer
         step("quantize layers", i, len(layers))
         groups = layer_groups(family, model, layer)
         if not groups:
             continue
-        caps = run_until(model, family, batches, layer, {g.name: g.first for g in groups})
+        caps = capture_inputs(walk, {g.name: g.first for g in groups})
         specs: dict[str, Any] = {}
         for g in sorted(groups, key=lambda g: g.name != "attn_out"):  # attn_out first: it may fold into v
             if g.name not in caps:
@@ -259,15 +245,16 @@ def quantize_model(model: nn.Module, family: Family, batches: list[Batch], schem
             st = qattn.AttnQuant(scheme.a_bits, scheme.softmax)
             core.add_module(qattn.CHILD, st)
             st.observing = True
-            run_until(model, family, batches, layer, {})
+            walk.run()
             st.calibrate(scheme.method)
             attn_layers.append(i)
+    forwards = walk.forwards
     step("quantize layers", len(layers), len(layers))
     if use_attn:
         result["attention"] = {"bits": scheme.a_bits, "softmax": scheme.softmax, "layers": attn_layers}
     if scheme.embeddings:
         result["embeddings"] = quantize_embeddings(model, family, scheme)
-    return result, {"groups": decisions}
+    return result, {"groups": decisions, "layer_forwards": forwards}
 
 
 def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dict[str, Any]:
