@@ -14,12 +14,11 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-
 from tiny import make_tiny
 
 from squeeze.cli.main import main
@@ -135,8 +134,8 @@ SCORED = ["prune", "model", "--drop-attn", "1", "--samples", "4", "--seq-len", "
 # (id, setup(ws, models) -> argv, exit code, words in the one error line, paths the command may create)
 CASES: list[tuple[str, Setup, int, str, tuple[str, ...]]] = [
     # ---- the issue's numbered items
-    ("n1_output_holds_input", lambda ws, m: (ws / "victim").mkdir() or shutil.move(ws / "model", ws / "victim/model")
-     and ["prune", "victim/model", "--attn-layers", "1", "-o", "victim", "--force"], 2, "holds the input", ()),
+    ("n1_output_holds_input", lambda ws, m: (ws / "victim").mkdir() or (shutil.move(ws / "model", ws / "victim/model")
+     and ["prune", "victim/model", "--attn-layers", "1", "-o", "victim", "--force"]), 2, "holds the input", ()),
     ("n1_dot_output", lambda ws, m: os.chdir(ws / "model") or ["prune", ".", "--attn-layers", "1", "-o", ".", "--force"],
      2, "input", ()),
     ("n1_dot_output_elsewhere", lambda ws, m: (ws / "here").mkdir() or os.chdir(ws / "here")
@@ -166,7 +165,7 @@ CASES: list[tuple[str, Setup, int, str, tuple[str, ...]]] = [
     ("n11_nan_in_recipe", lambda ws, m: ["recipe", "check", _recipe(
         ws, "jobs:\n  - name: a\n    model: model\n    steps:\n      - prune: {drop_attn: .nan}\n")],
      2, "r.yaml:5: jobs[0].steps[0].prune.drop_attn: .nan is not a finite number", ()),
-    ("n13_corrupt_report", lambda ws, m: (ws / "run").mkdir() or _put(ws / "run/report.json", 
+    ("n13_corrupt_report", lambda ws, m: (ws / "run").mkdir() or _put(ws / "run/report.json",
         '{"format": 1, "jobs": [1]}') or ["report", "run"], 2, "not a squeeze report (jobs[0]", ()),
     ("n13_report_not_utf8", lambda ws, m: (ws / "run").mkdir() or _put(ws / "run/report.json", b"\xff\xfe{")
      or ["report", "run"], 2, "not a readable report", ()),
@@ -180,7 +179,7 @@ CASES: list[tuple[str, Setup, int, str, tuple[str, ...]]] = [
      or ["inspect", "model"], 2, "unsupported model_type 't5'", ()),
     ("weights_are_a_folder", lambda ws, m: (ws / "model/model.safetensors").unlink()
      or (ws / "model/model.safetensors").mkdir() or ["inspect", "model"], 2, "not a file", ()),
-    ("truncated_weights", lambda ws, m: _put(ws / "model/model.safetensors", 
+    ("truncated_weights", lambda ws, m: _put(ws / "model/model.safetensors",
         (ws / "model/model.safetensors").read_bytes()[:-100]) or ["inspect", "model"], 2, "truncated or corrupt", ()),
     ("weights_header_garbage", lambda ws, m: _put(ws / "model/model.safetensors", os.urandom(64))
      or ["inspect", "model"], 2, "not a valid safetensors file", ()),
@@ -193,7 +192,7 @@ CASES: list[tuple[str, Setup, int, str, tuple[str, ...]]] = [
     ("shard_index_escapes", lambda ws, m: _put(ws / "model/a.safetensors", (ws / "model/model.safetensors").read_bytes())
      or (ws / "model/model.safetensors").unlink() or _put(ws / "model/model.safetensors.index.json", '{"weight_map": {"w": "../secret.safetensors"}}')
      or ["inspect", "model"], 2, "plain file names", ()),
-    ("config_shape_mismatch", lambda ws, m: _put(ws / "model/config.json", 
+    ("config_shape_mismatch", lambda ws, m: _put(ws / "model/config.json",
         (ws / "model/config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 48'))
      or ["inspect", "model"], 2, "do not match the config", ()),
     ("manifest_not_json", lambda ws, m: _put(ws / "sq/squeeze.json", "[") or ["inspect", "sq"], 2,
@@ -292,7 +291,7 @@ def test_bad_input(setup, code, words, allowed, models, tmp_path, monkeypatch, c
     capsys.readouterr()
     before = snapshot(tmp_path)
     got = main(argv)
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert got == code, err
     assert len(lines) == 1 and lines[0].startswith("error:"), err
