@@ -1,0 +1,72 @@
+"""``squeeze fuse A B [C ...] -o OUT``: optimal-transport fusion of several models into one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.compress.errors import SqueezeError
+
+
+def fuse(
+    models: Annotated[
+        list[str], typer.Argument(help="Two or more model folders of one family; the last is the anchor.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (written atomically).")],
+    anchor: Annotated[
+        str | None, typer.Option(help="The model whose shape the result takes (default: the last).")
+    ] = None,
+    cost: Annotated[str, typer.Option(help="Ground cost: acts (activations) or weights.")] = "acts",
+    solver: Annotated[str, typer.Option(help="sinkhorn (soft), emd (hard) or none (vanilla averaging).")] = "sinkhorn",
+    reg: Annotated[float, typer.Option(help="Sinkhorn regularisation of the max-normalised cost.")] = 0.08,
+    residual: Annotated[str, typer.Option(help="Residual policy: mean, weighted, only_resid, no_resid.")] = "mean",
+    weights: Annotated[str | None, typer.Option(help="One weight per model, comma-separated (default: 1/N).")] = None,
+    data: Annotated[
+        str, typer.Option(help="Activation data: builtin, synthetic, .txt, .jsonl, .npz, image folder.")
+    ] = "builtin",
+    samples: Annotated[int, typer.Option(min=1, max=100_000, help="Calibration samples.")] = 128,
+    seq_len: Annotated[int, typer.Option(min=4, max=32_768, help="Tokens per calibration sample.")] = 128,
+    finetune_steps: Annotated[int, typer.Option(help="Distil the fused model from the parents' ensemble.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle weights (weights_only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Fuse models by aligning their neurons with optimal transport, then averaging (Imfeld et al., ICLR 2024)."""
+    from squeeze.cli.cmd_merge import parse_weights
+    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.passes import PassContext, get_pass, run_pass
+
+    if len(models) < 2:
+        raise SqueezeError(f"fuse needs at least two models, got {len(models)}")
+    anchor_i = len(models) - 1
+    if anchor is not None:
+        if anchor not in models:
+            raise SqueezeError(f"--anchor: {anchor!r} is not one of the models given")
+        anchor_i = models.index(anchor)
+    parsed = parse_weights(weights, len(models))
+    if output.exists() and not force:  # fail before loading anything
+        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
+    pass_cls = get_pass("fuse")
+    config = pass_config(pass_cls.Config, "fuse", anchor=anchor_i, cost=cost, solver=solver, reg=reg,
+                         residual=residual, weights=parsed, finetune_steps=finetune_steps)  # fmt: skip
+    spec = data_spec(data, samples, seq_len)
+    ckpts = [load(m, trust_pickle=trust_pickle) for m in models]
+    pass_ = pass_cls(config)
+    with progress() as bar:
+        ctx = PassContext(family=ckpts[0].family, calibration=spec, progress=bar)
+        fused = run_pass(pass_, ckpts, ctx)
+    save(fused, output, force=force)
+    report = fused.manifest.ledger[-1]
+    if as_json:
+        print_json(report)
+        return
+    console.print(report_table(report))
+    for line in pass_cls.summary(fused.manifest.edits[-1]["result"]):
+        console.print(f"{line} -> {output}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fuse")(fuse)
