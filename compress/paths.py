@@ -12,17 +12,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
 from squeeze.compress.errors import SqueezeError
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+RUN_MARK = ".squeeze-run"  # in a recipe's output folder: squeeze made it, a rerun may write into it
+LOCK = ".squeeze.lock"
 
 
 def absolute(path: str | os.PathLike) -> Path:
@@ -53,6 +57,69 @@ def check_output(
         The output as an absolute path.
     """
     target = absolute(out)
+    _check_not_input(target, out, inputs, kind)
+    if target.is_symlink() or target.exists():
+        if not force:
+            raise SqueezeError(f"{out} already exists; pass --force to overwrite it")
+        if kind == "file" and target.is_dir():
+            raise SqueezeError(f"{out}: is a folder; name a file to write")
+        if kind == "dir" and not target.is_dir():
+            raise SqueezeError(f"{out}: is a file; name a folder to write")
+    _check_writable(target, out)
+    return target
+
+
+def check_run_output(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, force: bool = False
+) -> Path:
+    """A recipe's output folder: new, empty, or one squeeze made (it holds ``RUN_MARK``); a folder
+    with files squeeze did not write needs ``force`` (a rerun must not replace a user's report.md
+    or delete their ``tb/07-old``). The other rules of :func:`check_output` apply."""
+    target = absolute(out)
+    _check_not_input(target, out, inputs, "dir")
+    if target.is_symlink() or target.exists():
+        if not target.is_dir():
+            raise SqueezeError(f"{out}: is a file; name a folder to write")
+        if not (target / RUN_MARK).exists() and any(target.iterdir()) and not force:
+            raise SqueezeError(
+                f"{out} holds files squeeze did not write; name a new folder, or pass --force to run into it"
+            )
+    else:
+        _check_writable(target, out)
+    return target
+
+
+def mark_run_output(target: Path) -> None:
+    """Create a recipe's output folder and mark it as squeeze's."""
+    target.mkdir(parents=True, exist_ok=True)
+    (target / RUN_MARK).touch()
+
+
+@contextlib.contextmanager
+def locked(folder: Path, what: str = "squeeze run") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a second run on the same ``-o`` refuses with one line
+    instead of running every step twice). The kernel drops it when the process dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise SqueezeError(
+                f"{folder} is in use by another {what} (pid {holder}); wait for it or use another -o"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_not_input(target: Path, out, inputs, kind: str) -> None:
     real = Path(os.path.realpath(target))
     for inp in inputs:
         if inp is None:
@@ -67,15 +134,6 @@ def check_output(
     cwd = Path(os.path.realpath(os.getcwd()))
     if _inside(cwd, real):
         raise SqueezeError(f"{out}: refusing to write over the current folder; name a new folder")
-    if target.is_symlink() or target.exists():
-        if not force:
-            raise SqueezeError(f"{out} already exists; pass --force to overwrite it")
-        if kind == "file" and target.is_dir():
-            raise SqueezeError(f"{out}: is a folder; name a file to write")
-        if kind == "dir" and not target.is_dir():
-            raise SqueezeError(f"{out}: is a file; name a folder to write")
-    _check_writable(target, out)
-    return target
 
 
 def _check_writable(target: Path, shown: str | os.PathLike) -> None:

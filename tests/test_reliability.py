@@ -99,3 +99,26 @@ def test_latency_in_a_fresh_process_against_a_reference(tiny_dirs, tmp_path):
     lo, hi = res["ratio_spread"]
     assert lo <= res["latency_ratio"] <= hi
     assert 0.5 < res["latency_ratio"] < 2.0  # the same graph against itself (measured 0.93-1.07 here)
+
+
+def test_run_folder_rules_and_lock(tmp_path):
+    from squeeze.compress.paths import check_run_output, locked, mark_run_output
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.md").write_text("mine")
+    with pytest.raises(SqueezeError, match="did not write"):
+        check_run_output(user)
+    assert check_run_output(user, force=True) == user
+    (tmp_path / "model").mkdir()
+    with pytest.raises(SqueezeError, match="inside the input"):
+        check_run_output(tmp_path / "model" / "out", [tmp_path / "model"])
+    new = check_run_output(tmp_path / "new")
+    mark_run_output(new)
+    (new / "report.json").write_text("{}")
+    assert check_run_output(new) == new  # squeeze's own folder: a rerun needs no --force
+    with locked(new):
+        with pytest.raises(SqueezeError, match="in use by another squeeze run"), locked(new):
+            pass
+    with locked(new):  # released
+        pass
