@@ -27,7 +27,7 @@ def _facts(model: nn.Module, family: Family) -> list[tuple[str, object]]:
         facts += [("image size", image_size(cfg)), ("channels", int(cfg.num_channels)), ("patch size", cfg.patch_size)]
     else:
         facts.append(("vocabulary", int(cfg.vocab_size)))
-    facts += [("head count", family.num_heads(cfg)), ("key-value head count", family.num_kv_heads(cfg))]
+    facts += [("head count", family.num_heads(cfg)), ("head count (key/value)", family.num_kv_heads(cfg))]
     if getattr(cfg, "num_labels", None) is not None and "Classification" in type(model).__name__:
         facts.append(("label count", int(cfg.num_labels)))
     return facts
