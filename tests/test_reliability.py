@@ -122,3 +122,21 @@ def test_run_folder_rules_and_lock(tmp_path):
             pass
     with locked(new):  # released
         pass
+
+
+def test_job_baselines_fp32_and_ort_dynamic(tiny_dirs, tmp_path):
+    from squeeze.compress.baselines import job_baselines
+    from squeeze.compress.calibration import DataSpec, batches
+    from squeeze.compress.evaluate import reference_outputs
+
+    bert = ck.load(tiny_dirs["bert"])
+    spec = DataSpec(samples=4, seq_len=16, eval_samples=4)
+    ref = reference_outputs(bert.model, bert.family, batches(bert, spec.for_eval(), split="eval"))
+    feeds = {"input_ids": [[2, 40, 41, 3]], "attention_mask": [[1, 1, 1, 1]], "token_type_ids": [[0, 0, 0, 0]]}
+    rows = job_baselines(bert, ref, tmp_path / "b", "key1", feeds, spec)
+    fp32, dyn = rows["fp32 ONNX"], rows["ORT dynamic int8"]
+    assert fp32["fidelity"]["cos_mean"] > 0.99999 and fp32["latency_ratio"] == 1.0
+    assert dyn["bytes"] < fp32["bytes"] and 0.9 < dyn["fidelity"]["cos_mean"] < 1.0
+    lo, hi = dyn["ratio_spread"]
+    assert lo <= dyn["latency_ratio"] <= hi
+    assert job_baselines(bert, ref, tmp_path / "b", "key1", feeds, spec) == rows  # reused, not re-measured
