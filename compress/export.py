@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -178,6 +179,7 @@ def export_onnx(
     data: DataSpec | None = None,
     reference: Checkpoint | None = None,
     latency: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint to ONNX and validate it; return the report (also written as JSON).
 
@@ -214,6 +216,8 @@ def export_onnx(
         "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol, "inputs": names, "outputs": [output],
     }
     start = time.perf_counter()
+    stage = progress or (lambda label, done, total: None)  # (label, done, total), as PassContext.progress
+    stage("export: tracing the model", 0, 3)
     rejected = out.with_name(out.stem + ".rejected.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
@@ -235,6 +239,7 @@ def export_onnx(
         report["bytes"] = tmp.stat().st_size
         report["custom_ops"] = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
 
+        stage("export: validating with ONNX Runtime", 1, 3)
         session = ort_session(tmp)
         # The exporter drops inputs the graph never reads (e.g. attention_mask once every
         # attention layer is pruned): feed only what the graph declares.
@@ -261,6 +266,7 @@ def export_onnx(
         report["ok"] = all(c["ok"] for c in checks)
         if reference is not None:
             report["fidelity_vs_reference"] = _fidelity(reference, inputs, names, ort_outputs, output)
+        stage("export: measuring", 2, 3)
         if latency:
             feeds = {n: inputs[0][n].numpy() for n in graph_inputs}
             report["latency_ms"] = round(ort_latency_ms(session, feeds, warmup=3, runs=10), 3)
@@ -277,6 +283,7 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     _write_report(out, report)
+    stage("export: done", 3, 3)
     if failed_validation:
         bad = next(c for c in checks if not c["ok"])
         if "rule" in bad:
