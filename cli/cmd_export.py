@@ -10,15 +10,16 @@ from rich.table import Table
 from squeeze.cli.common import ForceOpt, JsonOpt, TrustPickleOpt, console, data_spec, fmt_bytes, fmt_num, print_json
 from squeeze.compress.checkpoint import load
 from squeeze.compress.errors import SqueezeError, ValidationFailed
-from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, read_onnx, tensorrt_readiness
+from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, read_onnx, tensorrt_readiness
+from squeeze.compress.export_folder import export_model
 
 
 def export(
     ckpt: str = typer.Argument(..., help="Checkpoint folder (Hugging Face or squeeze)."),
-    output: Path = typer.Option(..., "-o", "--output", help="The .onnx file to write."),
+    output: Path = typer.Option(..., "-o", "--output", help="The .onnx file to write, or a folder (Optimum layout)."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (14-20; dynamo: 18+)."),
-    atol: float = typer.Option(DEFAULT_ATOL, "--atol", help="Absolute tolerance of the validation."),
-    rtol: float = typer.Option(DEFAULT_RTOL, "--rtol", help="Relative tolerance of the validation."),
+    atol: float = typer.Option(None, "--atol", help=f"Absolute tolerance of the validation [default: {DEFAULT_ATOL:g}; fp16 2e-2]."),
+    rtol: float = typer.Option(None, "--rtol", help=f"Relative tolerance of the validation [default: {DEFAULT_RTOL:g}; fp16 1e-2]."),
     batch: int = typer.Option(2, "--batch", help="Validation batch size (a second shape uses batch+1)."),
     seq_len: int = typer.Option(16, "--seq-len", help="Validation sequence length (a second shape uses 2x)."),
     target: str = typer.Option("ort", "--target", help="ort, or tensorrt to also run the TensorRT readiness check."),
@@ -26,6 +27,10 @@ def export(
     plain: bool = typer.Option(False, "--plain", help="Inline squeeze custom ops into standard ONNX ops."),
     ref: str = typer.Option(None, "--ref", help="Also report the graph's fidelity against this checkpoint."),
     data: str = typer.Option("builtin", "--data", help="Validation inputs: builtin, synthetic, or a data file."),
+    task: str = typer.Option("auto", "--task", help="auto, text-generation-with-past (default for causal LMs), text-generation, feature-extraction."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16."),
+    weights: str = typer.Option(None, "--weights", help="int4 or int8: blockwise MatMulNBits / GatherBlockQuantized."),
+    block_size: int = typer.Option(32, "--block-size", help="Weight block size of --weights (power of two >= 16)."),
     force: bool = ForceOpt,
     trust_pickle: bool = TrustPickleOpt,
     as_json: bool = JsonOpt,
@@ -35,8 +40,9 @@ def export(
     reference = load(ref, trust_pickle=trust_pickle) if ref else None
     spec = data_spec(data, 8, min(max(seq_len * 2, 8), 32_768))
     try:
-        report = export_onnx(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
-                             target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference)
+        report = export_model(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
+                              target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference,
+                              task=task, dtype=dtype, weights=weights, block_size=block_size)
     except ValidationFailed:
         raise
     if as_json:
@@ -51,6 +57,10 @@ def export(
     shape = f"batch {batch}" + (f", seq {seq_len}" if report["family"] != "vit" else "")
     console.print(f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms ({shape}), "
                   f"custom ops: {', '.join(report['custom_ops']) or 'none'}")
+    if "generation" in report:
+        g = report["generation"]
+        console.print(f"greedy generation in ONNX Runtime: {g['new_tokens']} new tokens x {g['batch']} prompts, the same as "
+                      f"transformers' generate; KV-cache slots {report['cache_slots']}")
     if "fidelity_vs_reference" in report:
         fid = report["fidelity_vs_reference"]
         console.print("fidelity vs reference: " + "  ".join(f"{k}={fmt_num(v)}" for k, v in fid.items()))

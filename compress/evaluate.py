@@ -219,6 +219,11 @@ class _OrtModel:
         feeds = {}
         for name in self.inputs:
             t = batch.get(name)
+            if name == "position_ids" or name.startswith("past_key_values."):  # a KV-cache graph: prefill
+                from squeeze.compress.export_decoder import prefill_feed
+
+                feeds[name] = prefill_feed(self.session, name, batch)
+                continue
             if t is None and "input_ids" not in batch:
                 raise SqueezeError(f"the graph wants input {name!r}, which the reference's data does not have")
             feeds[name] = (t if t is not None else torch.zeros_like(batch["input_ids"])).numpy()
