@@ -64,7 +64,7 @@ def fuse(
         print_json(report)
         return
     console.print(report_table(report))
-    for line in pass_cls.summary(fused.manifest.edits[-1]["result"]):
+    for line in pass_.summary(fused.manifest.edits[-1]["result"]):
         console.print(f"{line} -> {output}")
 
 

@@ -15,6 +15,7 @@ from squeeze.compress.checkpoint import load
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import family_for, permute_spaces, random_symmetry, weight_spaces
 from squeeze.compress.passes import Edit, PassContext, get_pass
+from squeeze.compress.passes.base import result_dump
 from squeeze.compress.passes.fuse.transport import columns, solve
 
 FAMILIES = ("bert", "vit", "llama", "gpt2")
@@ -90,7 +91,7 @@ def test_exact_recovery_of_a_permuted_copy(fam, cost):
     b, _ = _permuted(a)
     fused, ctx = _fuse([a, b], fam, solver="emd", cost=cost)
     assert _max_diff(fused, b) <= EXACT_ATOL
-    assert ctx.result["plan_sharpness"] == 1.0
+    assert result_dump(ctx.result)["plan_sharpness"] == 1.0
     if fam in ("llama", "gpt2"):
         torch.testing.assert_close(_out(fused, fam), _out(a, fam), atol=PERM_ATOL, rtol=0)
 
@@ -155,7 +156,7 @@ def test_three_models_and_given_weights():
     assert _max_diff(_fuse([a, b, c], "vit", solver="emd")[0], c) <= EXACT_ATOL  # all align onto the anchor
     other = build_tiny("vit", layers=2, seed=9)
     fused, ctx = _fuse([other, a, b], "vit", solver="sinkhorn", weights=[0, 0, 2])
-    assert ctx.result["weights"] == [0.0, 0.0, 1.0]
+    assert result_dump(ctx.result)["weights"] == [0.0, 0.0, 1.0]
     assert _max_diff(fused, b) == 0.0
 
 
@@ -187,7 +188,7 @@ def test_heterogeneous_width_takes_the_anchor_shape_with_barycentric_marginals(f
     torch.testing.assert_close(_out(wide, fam), _out(a, fam), atol=PERM_ATOL, rtol=0)
     fused, ctx = _fuse([wide, a], fam, solver="emd")
     assert _max_diff(fused, a) <= EXACT_ATOL
-    assert ctx.result["config"]["intermediate_size"] == a.config.intermediate_size
+    assert result_dump(ctx.result)["config"]["intermediate_size"] == a.config.intermediate_size
     with pytest.raises(SqueezeError, match="vanilla averaging"):
         _fuse([wide, a], fam, solver="none")
 
@@ -231,7 +232,7 @@ def test_heterogeneous_result_reloads_in_the_anchor_shape(tmp_path):
     wide = _widened(build_tiny("vit", layers=2, seed=4), "vit")
     fused, ctx = _fuse([wide, a], "vit", solver="sinkhorn")
     pass_ = get_pass("fuse")(solver="sinkhorn")
-    edit = Edit(pass_name="fuse", config=pass_.config.model_dump(mode="json"), result=ctx.result)
+    edit = Edit(pass_name="fuse", config=pass_.config.model_dump(mode="json"), result=result_dump(ctx.result))
     rebuilt = pass_.restructure(copy.deepcopy(wide), edit, family_for("vit"))
     rebuilt.load_state_dict(fused.state_dict())  # strict: shapes are the anchor's
     torch.testing.assert_close(_out(rebuilt, "vit"), _out(fused, "vit"), atol=0, rtol=0)

@@ -8,40 +8,11 @@ the centre patches; squeeze keeps every token, evenly thinned to ``max_tokens``)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Literal
-
 import torch
 from torch import nn
 
+from squeeze.compress.capture import record
 from squeeze.compress.families import Family, Space, Tap
-
-
-@contextlib.contextmanager
-def record(
-    modules: dict[str, nn.Module], *, what: Literal["input", "output"] = "output"
-) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record the first input or the output (first element of a tuple) of each module per call.
-
-    A local stand-in with the signature of ``compress/capture.record``, used until that lands.
-    """
-    seen: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
-
-    def hook(key: str):
-        if what == "input":
-            return lambda _m, args: seen[key].append(args[0].detach())
-        return lambda _m, _a, out: seen[key].append((out[0] if isinstance(out, tuple) else out).detach())
-
-    handles = [
-        m.register_forward_pre_hook(hook(k)) if what == "input" else m.register_forward_hook(hook(k))
-        for k, m in modules.items()
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def tap_names(spaces: list[Space]) -> dict[str, Tap]:

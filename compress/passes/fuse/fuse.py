@@ -17,21 +17,20 @@ import copy
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, weight_spaces
-from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
+from squeeze.compress.passes.base import Edit, MultiModelConfig, Pass, PassConfig, PassContext, PassResult
 from squeeze.compress.passes.fuse.acts import capture
 from squeeze.compress.passes.fuse.align import Aligner, AlignSettings
 from squeeze.compress.passes.fuse.compat import check_compatible
 
 
-class FuseConfig(PassConfig):
-    """How to fuse. ``others`` are the other models of a recipe step (the step's input is the first)."""
+class FuseConfig(MultiModelConfig):
+    """How to fuse. ``others`` (from the base) are the other models of a recipe step, after its input."""
 
-    others: list[str] = Field(default_factory=list, description="the other models (recipe step)")
     anchor: int = Field(-1, description="index of the anchor among the models (-1: the last)")
     cost: Literal["acts", "weights"] = "acts"
     solver: Literal["sinkhorn", "emd", "none"] = "sinkhorn"
@@ -50,8 +49,10 @@ class FuseConfig(PassConfig):
         return v
 
 
-class FuseResult(BaseModel):
+class FuseResult(PassResult):
     """What the manifest records about a fusion."""
+
+    model_config = ConfigDict(extra="forbid")
 
     models: int
     anchor: int
@@ -64,6 +65,17 @@ class FuseResult(BaseModel):
     #: mean over all plans of the mass on each row's largest entry (1.0: every plan is a permutation)
     plan_sharpness: float
     finetune: dict[str, Any] | None = None
+
+    def summary(self) -> list[str]:
+        w = ", ".join(f"{x:.3g}" for x in self.weights)
+        lines = [f"fused {self.models} models into model {self.anchor + 1}'s shape ({self.solver}, {self.cost} cost), "
+                 f"weights {w}, plan sharpness {self.plan_sharpness:.3f}"]  # fmt: skip
+        if self.finetune:
+            f = self.finetune
+            lines.append(
+                f"fine-tuned {f['steps']} steps on the parents' ensemble: loss {f['loss_first']:.4g} -> {f['loss_last']:.4g}"
+            )
+        return lines
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -81,6 +93,7 @@ def _tied(state: dict[str, torch.Tensor], covered: set[str]) -> dict[str, str]:
 class FusePass(Pass):
     name: ClassVar[str] = "fuse"
     Config: ClassVar[type[PassConfig]] = FuseConfig
+    Result: ClassVar[type[PassResult]] = FuseResult
     multi_model: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
 
@@ -180,7 +193,7 @@ class FusePass(Pass):
             plan_sharpness=round(sum(sharp) / max(len(sharp), 1), 4) if sharp else 1.0,
             finetune=finetune,
         )  # fmt: skip
-        ctx.result = result.model_dump(mode="json")
+        ctx.result = result
         ctx.metrics.update(fuse={"models": n, "anchor": anchor_i, "solver": cfg.solver, "cost": cfg.cost,
                                  "plan_sharpness": result.plan_sharpness})  # fmt: skip
         return out.eval()
@@ -218,11 +231,3 @@ class FusePass(Pass):
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         config.architectures = [res.architecture] if res.architecture else config.architectures
         return build_from_config(family, config)
-
-    @staticmethod
-    def summary(result: dict[str, Any]) -> list[str]:
-        r = FuseResult.model_validate(result)
-        return [
-            f"fused {r.models} models into model {r.anchor + 1}'s shape ({r.solver}, {r.cost} cost), "
-            f"weights {', '.join(f'{w:.3g}' for w in r.weights)}, plan sharpness {r.plan_sharpness:.3f}"
-        ]
