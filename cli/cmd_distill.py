@@ -129,6 +129,7 @@ def distill(
     with _progress(metrics) as bar:
         ctx = PassContext(family=source.family, checkpoint=source, calibration=spec, progress=bar)
         ctx.metrics = metrics
+        ctx.workdir = output.with_name(output.name + ".train")  # a rerun of a killed command resumes here
         new = run_pass(pass_, [source], ctx)
     save(new, output, force=force)
     report, result = new.manifest.ledger[-1], new.manifest.edits[-1]["result"]

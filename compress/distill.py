@@ -32,6 +32,7 @@ weights of an uninterrupted run, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -352,8 +353,10 @@ def distill(
         student.train(student_mode)
         if teacher_mode is not None:
             teacher.train(teacher_mode)
-    if state_path is not None:
-        state_path.unlink(missing_ok=True)  # finished: the state is no longer needed
+    if state_path is not None:  # finished: the state is no longer needed
+        state_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            state_path.parent.rmdir()  # only when empty
 
     every = max(1, math.ceil(len(curve) / CURVE_POINTS))
     kept = [(s, round(v, 6)) for s, v in curve[::every]]

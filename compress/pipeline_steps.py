@@ -94,6 +94,7 @@ def pass_step(inp: Checkpoint, step: StepPlan, state: JobState) -> tuple[dict[st
     pass_cls = get_pass(step.name)
     extra = [load(r, trust_pickle=job.trust_pickle) for r in model_refs(step.config)]
     ctx = PassContext(family=inp.family, calibration=state.spec, seed=job.seed, progress=state.rep.progress)
+    ctx.workdir = step.folder.with_name(step.folder.name + ".train")  # training passes resume from here
     torch.manual_seed(job.seed)
     new = run_pass(pass_cls(step.config), [inp, *extra], ctx)
     ledger = dict(new.manifest.ledger[-1])

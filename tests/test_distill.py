@@ -388,3 +388,33 @@ def test_recipe_step_distills_from_the_jobs_original(tiny_dirs, tmp_path):
     edits = [e for p in folders for e in __import__("json").loads(p.read_text())["edits"] if e["pass"] == "distill"]
     assert edits and edits[0]["result"]["teacher"] == str(tiny_dirs["llama"])
     assert edits[0]["result"]["layer_map"] == [0, 2, 3]
+
+
+def test_a_killed_pass_resumes_from_its_workdir_to_the_same_weights(tiny_dirs, tmp_path, monkeypatch):
+    import squeeze.compress.passes.distill.pass_ as pass_module
+
+    student = pruned(tiny_dirs["bert"])
+    cfg = {**QUICK, "steps": 5, "save_every": 2, "data": "builtin"}
+
+    def run(workdir=None):
+        ctx = PassContext(family=student.family, checkpoint=student)
+        ctx.workdir = workdir
+        return run_pass(DistillPass(**cfg), [student], ctx, measure_fidelity=False)
+
+    straight = run()
+    engine = pass_module.distill
+
+    def killed(*args, **kw):
+        def kill(step, model):
+            if step == 2:
+                raise Killed
+
+        return engine(*args, **kw, after_step=kill)
+
+    monkeypatch.setattr(pass_module, "distill", killed)
+    with pytest.raises(Killed):
+        run(tmp_path / "work")
+    monkeypatch.setattr(pass_module, "distill", engine)
+    resumed = run(tmp_path / "work")
+    assert same_state(state(straight.model), state(resumed.model))
+    assert not (tmp_path / "work").exists()  # finished: the state is gone
