@@ -9,6 +9,11 @@
   :func:`fold_into_norm` rewrites a norm's gain and bias so it emits ``x'``, and
   :func:`fold_into_consumer` rewrites the linears that read ``x'`` so they still compute
   ``W x + b``: ``W' = W diag(r)``, ``b' = b + W' delta``.
+* Folding a per-channel affine ``y = a * x + b`` away (reparam's RepBN), in float64:
+  :func:`fold_into_reader` / :func:`fold_linear_reader` for the layer that reads ``y``
+  (``W' = W diag(a)``, ``b' = W b + bias``), :func:`fold_into_writer` / :func:`fold_linear_writer`
+  for the layer that writes ``x`` (``W' = diag(a) W``, ``b' = a * bias + b``; SLAB's ``merge_bn``
+  drops the ``a``-side ``eta * bias`` term here, which is exact only when eta or the bias is 0).
 
 Example::
 
@@ -27,12 +32,17 @@ __all__ = [
     "as_linear",
     "fold_into_consumer",
     "fold_into_norm",
+    "fold_into_reader",
+    "fold_into_writer",
+    "fold_linear_reader",
+    "fold_linear_writer",
     "get_module",
     "is_linear",
     "linear_weight",
     "replace_module",
     "set_linear_weight",
     "set_module",
+    "with_bias",
 ]
 
 
@@ -124,3 +134,61 @@ def fold_into_consumer(
         b = (bias.detach() if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + w @ delta
         return w, b
     return w, (bias.detach() if bias is not None else None)
+
+
+def fold_into_reader(
+    weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of a layer reading ``y = a * x + b``: ``W' x + b' == W y + bias``. ``weight`` is
+    ``(out, in)``, ``a`` and ``b`` ``(in,)``; computed in float64, returned in the weight's dtype."""
+    w = weight.detach().double()
+    new_b = w @ b.detach().double()
+    if bias is not None:
+        new_b = new_b + bias.detach().double()
+    return (w * a.detach().double()[None, :]).to(weight.dtype), new_b.to(weight.dtype)
+
+
+def fold_into_writer(
+    weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of a layer whose output ``x`` then goes through ``a * x + b``: ``W' = diag(a) W``,
+    ``b' = a * bias + b``. ``weight`` is ``(out, ...)`` with output channels first (Linear, Conv)."""
+    a64 = a.detach().double()
+    new_w = weight.detach().double() * a64.reshape((-1,) + (1,) * (weight.ndim - 1))
+    new_b = b.detach().double() + (a64 * bias.detach().double() if bias is not None else 0.0)
+    return new_w.to(weight.dtype), new_b.to(weight.dtype)
+
+
+def with_bias(module: nn.Module) -> nn.Module:
+    """``module`` itself when it has a bias, else an ``nn.Linear`` copy of it with a zero bias."""
+    if getattr(module, "bias", None) is not None:
+        return module
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"cannot add a bias to {type(module).__name__}")
+    w = module.weight
+    lin = nn.Linear(module.in_features, module.out_features, bias=True, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.zero_()
+    return lin
+
+
+def fold_linear_reader(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """Fold ``a * x + b`` into the Linear / Conv1D that reads it; returns the module to use (a new
+    biased Linear when the old one had no bias)."""
+    module = with_bias(module)
+    w, bias = fold_into_reader(linear_weight(module), module.bias, a, b)
+    set_linear_weight(module, w)
+    with torch.no_grad():
+        module.bias.copy_(bias)
+    return module
+
+
+def fold_linear_writer(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """Fold ``a * y + b`` into the Linear / Conv1D that writes ``y``; returns the module to use."""
+    module = with_bias(module)
+    w, bias = fold_into_writer(linear_weight(module), module.bias, a, b)
+    set_linear_weight(module, w)
+    with torch.no_grad():
+        module.bias.copy_(bias)
+    return module

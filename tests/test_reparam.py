@@ -20,16 +20,16 @@ from squeeze.compress.distill import DistillConfig, distill
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.families import FAMILIES as FAMILY_TABLE
 from squeeze.compress.passes import PassContext, run_pass
-from squeeze.compress.passes.reparam.fold import (
+from squeeze.compress.passes.reparam.norms import ChannelAffine, ProgressiveNorm, RepBN
+from squeeze.compress.passes.reparam.placement import fold_norms, sites
+from squeeze.compress.passes.reparam.reparam import ReparamConfig, ReparamPass, _advance, _train_norms
+from squeeze.compress.passes.reparam.sla import SimplifiedLinearAttention, sla_core
+from squeeze.compress.surgery import (
     fold_into_reader,
     fold_into_writer,
     fold_linear_reader,
     fold_linear_writer,
 )
-from squeeze.compress.passes.reparam.norms import ChannelAffine, ProgressiveNorm, RepBN
-from squeeze.compress.passes.reparam.placement import fold_norms, sites
-from squeeze.compress.passes.reparam.reparam import ReparamConfig, ReparamPass, _advance, _train_norms
-from squeeze.compress.passes.reparam.sla import SimplifiedLinearAttention, sla_core
 
 FOLD_ATOL = 1e-5  # fp32 fold exactness; measured max error 1.2e-6 (single layers), 3e-6 (tiny models)
 SLA_ATOL = 1e-6  # linear vs quadratic order, fp32; measured 1.2e-7

@@ -27,16 +27,11 @@ from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
-from squeeze.compress.passes.reparam.fold import fold_linear_reader, fold_linear_writer
 from squeeze.compress.passes.reparam.norms import ChannelAffine, RepBN
+from squeeze.compress.surgery import fold_linear_reader, fold_linear_writer, set_module, with_bias
 
 FINAL = "final"
 MIN_SCALE = 1e-12  # a folded stream coordinate this small cannot be divided out
-
-
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def sites(family: Family, model: nn.Module, which: str) -> list[str]:
@@ -61,7 +56,7 @@ def get_site(family: Family, model: nn.Module, site: str) -> nn.Module:
 
 def set_site(family: Family, model: nn.Module, site: str, module: nn.Module) -> None:
     if site == FINAL:
-        _set_path(family.base(model), family.final_norm, module)
+        set_module(family.base(model), family.final_norm, module)
         return
     i, _, role = site.partition(":")
     family.set_role(family.layers(model)[int(i)], role, module)
@@ -148,7 +143,7 @@ def fold_norms(family: Family, model: nn.Module, chosen: list[str]) -> tuple[dic
                 head = family.head_module(model)
                 new = fold_linear_reader(head, a, b)
                 if new is not head:
-                    _set_path(model, family.head, new)
+                    set_module(model, family.head, new)
                     biased.append("head")
                 set_site(family, model, site, nn.Identity())
                 state[site] = "identity"
@@ -171,8 +166,6 @@ def fold_norms(family: Family, model: nn.Module, chosen: list[str]) -> tuple[dic
 
 def rebuild(family: Family, model: nn.Module, state: dict[str, str], biased: list[str]) -> None:
     """Re-create the shapes of :func:`fold_norms` (or of unfolded RepBNs) from the manifest."""
-    from squeeze.compress.passes.reparam.fold import with_bias
-
     dim = family.hidden_size(model.config)
     for site, kind in state.items():
         new = {"identity": nn.Identity, "affine": ChannelAffine, "repbn": RepBN}[kind]
@@ -180,7 +173,7 @@ def rebuild(family: Family, model: nn.Module, state: dict[str, str], biased: lis
     layers = family.layers(model)
     for tag in biased:
         if tag == "head":
-            _set_path(model, family.head, with_bias(family.head_module(model)))
+            set_module(model, family.head, with_bias(family.head_module(model)))
             continue
         i, _, key = tag.partition(":")
         layer = layers[int(i)]

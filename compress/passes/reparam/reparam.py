@@ -23,12 +23,12 @@ import logging
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
-from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
+from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassResult
 from squeeze.compress.passes.reparam.norms import (
     ChannelAffine,
     ProgressiveNorm,
@@ -73,14 +73,14 @@ class ReparamConfig(PassConfig):
         return self.decay if self.decay is not None else (self.steps - self.warmup) // 2
 
 
-class ReparamResult(BaseModel):
+class ReparamResult(PassResult):
     """What a reload needs: what stands at each norm site, which linears gained a bias, SLA."""
 
     model_config = ConfigDict(extra="forbid")
 
     norms: dict[str, Literal["identity", "affine", "repbn"]]
-    biased: list[str] = []
-    sla_layers: list[int] = []
+    biased: list[str] = Field(default_factory=list)
+    sla_layers: list[int] = Field(default_factory=list)
     sla_tokens: int | None = None
     sla_grid: int | None = None
 
@@ -125,6 +125,7 @@ class ReparamPass(Pass):
     name: ClassVar[str] = "reparam"
     Config: ClassVar[type[PassConfig]] = ReparamConfig
     needs_calibration: ClassVar[bool] = True
+    Result: ClassVar[type[PassResult]] = ReparamResult
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
         cfg: ReparamConfig = self.config  # type: ignore[assignment]
