@@ -132,13 +132,13 @@ def teacher_texts(teacher: Checkpoint, spec: TrainSpec, n: int) -> list[str]:
     tok = teacher.tokenizer()
     if tok is None:
         raise SqueezeError("teacher-generated data needs the teacher's tokenizer")
-    torch.manual_seed(spec.seed)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out: list[str] = []
     step = min(16, n)
     was_training = teacher.model.training
     teacher.model.eval()
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # seeded, and the caller's RNG untouched
+        torch.manual_seed(spec.seed)
         while len(out) < n:
             ids = torch.full((step, 1), int(bos))
             gen = teacher.model.generate(

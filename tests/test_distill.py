@@ -418,3 +418,47 @@ def test_a_killed_pass_resumes_from_its_workdir_to_the_same_weights(tiny_dirs, t
     resumed = run(tmp_path / "work")
     assert same_state(state(straight.model), state(resumed.model))
     assert not (tmp_path / "work").exists()  # finished: the state is gone
+
+
+# --------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------
+
+from squeeze.compress.train_data import TrainSpec, training_batches, word_spans  # noqa: E402
+
+
+def test_training_text_never_includes_the_evaluation_split(tiny_dirs, tmp_path):
+    from squeeze.compress.calibration import builtin_texts
+    from squeeze.compress.train_data import _texts
+
+    src = ck.load(tiny_dirs["bert"])
+    assert not set(_texts("builtin", src, TrainSpec(), print)) & set(builtin_texts("eval"))
+    f = tmp_path / "d.txt"
+    f.write_text("\n".join(f"line {i}" for i in range(40)))
+    texts = _texts(str(f), src, TrainSpec(eval_samples=8), print)
+    assert texts == [f"line {i}" for i in range(32)]  # the last 8 lines evaluate
+
+
+def test_training_batches_are_shuffled_deterministically(tiny_dirs):
+    src = ck.load(tiny_dirs["bert"])
+    a = training_batches(src, TrainSpec(source="builtin", samples=64, seq_len=16, batch_size=8, seed=0))
+    b = training_batches(src, TrainSpec(source="builtin", samples=64, seq_len=16, batch_size=8, seed=0))
+    c = training_batches(src, TrainSpec(source="builtin", samples=64, seq_len=16, batch_size=8, seed=1))
+    assert len(a) == 8 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
+
+
+def test_word_spans_are_short_seeded_cuts():
+    texts = ["one two three four five six seven eight nine ten eleven twelve thirteen fourteen"]
+    spans = word_spans(texts, 20, seed=3)
+    assert spans == word_spans(texts, 20, seed=3)
+    assert all(3 <= len(s.split()) <= 12 and s in texts[0] for s in spans)
+
+
+def test_decoders_can_train_on_text_sampled_from_the_teacher(tiny_dirs):
+    src = ck.load(tiny_dirs["llama"])
+    spec = TrainSpec(source="teacher", samples=16, seq_len=8, batch_size=4)
+    a = training_batches(src, spec, teacher=src)
+    b = training_batches(src, spec, teacher=src)
+    assert a and all(x["input_ids"].shape[1] == 8 for x in a)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
