@@ -288,10 +288,16 @@ def test_final_norm_folds_into_an_untied_head_and_stays_affine_otherwise(tiny_di
 
 
 def test_sla_pass_reloads_and_exports(tiny_dirs, tmp_path):
-    _, new, _ = _run(tiny_dirs["vit"], attention="sla")
+    c, new, ctx = _run(tiny_dirs["vit"], attention="sla")
     res = new.manifest.edits[-1]["result"]
     assert res["sla_layers"] == [0, 1, 2, 3] and res["sla_grid"] == 4 and res["sla_tokens"] == 17
+    assert all(
+        isinstance(c.family.role(layer, "attn"), SimplifiedLinearAttention) for layer in c.family.layers(new.model)
+    )
     out = ck.save(new, tmp_path / "sla")
+    batches = ctx.eval_batches()
+    for w, g in zip(_outs(new.model, c.family, batches), _outs(ck.load(out).model, c.family, batches), strict=True):
+        assert torch.equal(w, g)
     assert main(["export", str(out), "-o", str(tmp_path / "sla.onnx")]) == 0
 
 
