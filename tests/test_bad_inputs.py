@@ -238,7 +238,7 @@ CASES: list[tuple[str, Setup, int, str, tuple[str, ...]]] = [
                                                                labels=np.array([0.5] * 4)), "-o", "out"],
      2, "integer class index", ()),
     # ---- export, check, eval
-    ("export_not_onnx", lambda ws, m: ["export", "model", "-o", "m.txt"], 2, "must end in .onnx", ()),
+    ("export_bad_target", lambda ws, m: ["export", "model", "-o", "m.onnx", "--target", "nope"], 2, "target", ()),
     ("export_bad_opset", lambda ws, m: ["export", "model", "-o", "m.onnx", "--opset", "99"], 2, "opset", ()),
     ("export_bad_batch", lambda ws, m: ["export", "model", "-o", "m.onnx", "--batch", "0"], 2, "batch", ()),
     ("export_ref_other_family", lambda ws, m: ["export", "model", "-o", "m.onnx", "--ref", str(m["gpt2"])], 2,
