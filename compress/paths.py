@@ -17,7 +17,9 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -188,6 +190,25 @@ def sweep_stale(target: Path) -> list[Path]:
             item.unlink(missing_ok=True)
         removed.append(item)
     return removed
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While a write is in progress, SIGTERM raises KeyboardInterrupt, so the write's cleanup runs
+    (a plain SIGTERM left the hidden temporary checkpoint behind) and the CLI exits 130. Only in
+    the main thread, and only where nobody installed a SIGTERM handler of their own."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated (signal {signum})")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def is_temp(name: str) -> bool:
