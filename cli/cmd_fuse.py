@@ -30,6 +30,7 @@ def fuse(
     samples: Annotated[int, typer.Option(min=1, max=100_000, help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option(min=4, max=32_768, help="Tokens per calibration sample.")] = 128,
     finetune_steps: Annotated[int, typer.Option(help="Distil the fused model from the parents' ensemble.")] = 0,
+    finetune_lr: Annotated[float, typer.Option(help="Peak learning rate of the fine-tune.")] = 1e-4,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle weights (weights_only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
@@ -51,7 +52,7 @@ def fuse(
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     pass_cls = get_pass("fuse")
     config = pass_config(pass_cls.Config, "fuse", anchor=anchor_i, cost=cost, solver=solver, reg=reg,
-                         residual=residual, weights=parsed, finetune_steps=finetune_steps)  # fmt: skip
+                         residual=residual, weights=parsed, finetune_steps=finetune_steps, finetune_lr=finetune_lr)  # fmt: skip
     spec = data_spec(data, samples, seq_len)
     ckpts = [load(m, trust_pickle=trust_pickle) for m in models]
     pass_ = pass_cls(config)
