@@ -219,6 +219,8 @@ def test_cli_fuse_save_reload_export(pair, tmp_path):
     fused = load(out)
     assert fused.manifest.edits[-1]["result"]["anchor"] == 1
     assert _max_diff(fused.model, load(b).model) <= EXACT_ATOL
+    row = fused.manifest.ledger[-1]  # the ledger puts vanilla averaging beside OT (fidelity against A)
+    assert row["fidelity"]["top1"] == 1.0 > row["metrics"]["fuse"]["vanilla_fidelity"]["top1"]
     again = load(out)
     torch.testing.assert_close(_out(again.model, "gpt2"), _out(fused.model, "gpt2"), atol=0, rtol=0)
     report = export_onnx(fused, tmp_path / "fused.onnx", latency=False)

@@ -194,9 +194,26 @@ class FusePass(Pass):
             finetune=finetune,
         )  # fmt: skip
         ctx.result = result
-        ctx.metrics.update(fuse={"models": n, "anchor": anchor_i, "solver": cfg.solver, "cost": cfg.cost,
-                                 "plan_sharpness": result.plan_sharpness})  # fmt: skip
+        metrics: dict[str, Any] = {"models": n, "anchor": anchor_i, "solver": cfg.solver, "cost": cfg.cost,
+                                   "plan_sharpness": result.plan_sharpness}  # fmt: skip
+        if cfg.solver != "none" and ctx.checkpoint is not None and all(_shapes(m) == _shapes(anchor) for m in models):
+            metrics["vanilla_fidelity"] = self._vanilla_fidelity(models, weights, anchor, ctx)
+        ctx.metrics.update(fuse=metrics)
         return out.eval()
+
+    @staticmethod
+    def _vanilla_fidelity(models: list[nn.Module], weights: list[float], anchor: nn.Module, ctx: PassContext):
+        """The ledger's baseline: plain weight averaging's fidelity against the first model (as the row's own)."""
+        from squeeze.compress.evaluate import compare_outputs, reference_outputs
+
+        states = [m.state_dict() for m in models]
+        mean = {k: sum(w * s[k].double() for w, s in zip(weights, states, strict=True)).to(v.dtype)
+                if v.is_floating_point() else v for k, v in states[0].items()}  # fmt: skip
+        vanilla = copy.deepcopy(anchor)
+        vanilla.load_state_dict(mean)
+        batches = ctx.eval_batches()
+        ref = reference_outputs(models[0], ctx.family, batches)
+        return compare_outputs(ref, reference_outputs(vanilla, ctx.family, batches))
 
     def _finetune(self, model: nn.Module, parents: list[nn.Module], weights: list[float], ctx: PassContext):
         from squeeze.compress.distill import DistillConfig, distill
