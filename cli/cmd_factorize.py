@@ -15,7 +15,6 @@ from squeeze.cli.common import (
     ForceOpt,
     JsonOpt,
     OutOpt,
-    SamplesOpt,
     SeqLenOpt,
     TrustPickleOpt,
     console,
@@ -46,9 +45,9 @@ def factorize(
     stf_lr: float = typer.Option(1e-4, "--stf-lr", help="STF learning rate."),
     finetune_steps: int = typer.Option(None, "--finetune-steps", help="Fine-tune steps of D and S (default: stf/4)."),
     data: str = typer.Option(
-        "builtin", "--data", help="Training data: builtin, synthetic, a .txt/.jsonl file, .npz or image folder."
+        "auto", "--data", help="STF training data: auto (wiki text if installed), wiki, spans, builtin, a file."
     ),
-    samples: int = SamplesOpt,
+    samples: int = typer.Option(2048, "--samples", min=1, help="STF training samples."),
     seq_len: int = SeqLenOpt,
     force: bool = ForceOpt,
     trust_pickle: bool = TrustPickleOpt,
@@ -72,10 +71,16 @@ def factorize(
         stf_steps=stf_steps,
         stf_lr=stf_lr,
         finetune_steps=stf_steps // 4 if finetune_steps is None else finetune_steps,
+        data=data,
+        samples=samples,
+        seq_len=seq_len,
     )
+    for part in data.split("+"):
+        if part not in ("auto", "wiki", "spans", "builtin", "synthetic") and not Path(part).exists():
+            raise SqueezeError(f"--data: {part}: no such file or folder")
     if output.exists() and not force:
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
-    spec = data_spec(data, samples, seq_len)
+    spec = data_spec("builtin", 128, seq_len)  # the fidelity measurement of the ledger
 
     from squeeze.compress.checkpoint import load, save
     from squeeze.compress.passes import PassContext, run_pass

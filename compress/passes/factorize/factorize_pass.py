@@ -66,6 +66,13 @@ class FactorizeConfig(PassConfig):
     project_steps: int = Field(1, ge=1, le=100, description="alternating steps per STF projection")
     finetune_steps: int = Field(0, ge=0, le=1_000_000)
     finetune_lr: float = Field(5e-5, gt=0, le=1)
+    data: str = Field(
+        "auto", description="training text for STF: auto (wiki, else builtin), wiki, spans, builtin, a file"
+    )
+    samples: int = Field(2048, ge=1, le=1_000_000, description="training samples")
+    seq_len: int = Field(128, ge=4, le=32_768)
+    batch_size: int = Field(16, ge=1, le=4096)
+    loss: Literal["output", "layers"] = Field("layers", description="output only, or + every layer's hidden state")
 
     @field_validator("ratio")
     @classmethod
@@ -208,12 +215,13 @@ class FactorizePass(Pass):
             ctx.step("factorize", n + 1, len(found))
         result = FactorizeResult(linears=specs, pattern=cfg.pattern)
         if teacher is not None:
-            from squeeze.compress.passes.factorize.train import finetune, train_stf
+            from squeeze.compress.passes.factorize.train import finetune, train_stf, training_data
 
+            source, data = training_data(ctx, cfg)
             if cfg.stf_steps:
-                result.stf = train_stf(model, teacher, family, cfg, ctx)
+                result.stf = {"data": source, **train_stf(model, teacher, data, cfg, ctx)}
             if cfg.finetune_steps:
-                result.finetune = finetune(model, teacher, family, cfg, ctx)
+                result.finetune = {"data": source, **finetune(model, teacher, data, cfg, ctx)}
         ctx.result.update(result.model_dump(mode="json"))
         flat = [s for layer in specs.values() for s in layer.values()]
         ctx.metrics.update(

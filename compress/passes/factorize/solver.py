@@ -29,6 +29,10 @@ Pattern = Literal["column", "nm"]
 #: ridge added to normal equations, relative to their mean diagonal; keeps a rank-deficient
 #: support solvable without moving a well-posed solution (s = k reaches the SVD error to 1e-12).
 RIDGE = 1e-10
+#: projected-gradient steps that fit the kept values in the fast S-step. Measured on an FFN output
+#: layer of all-MiniLM-L6-v2 (50% budget, 10 iterations, exact fit on the last): 0.3349 relative
+#: error against 0.3359 with an exact fit every iteration and 0.3396 with none, at 45% of the time.
+POLISH_STEPS = 5
 
 
 @dataclass
@@ -96,6 +100,19 @@ def refit(gram: torch.Tensor, proj: torch.Tensor, support: torch.Tensor) -> torc
     return _solve_psd(g, r).squeeze(-1).t()
 
 
+def polish(
+    gram: torch.Tensor, proj: torch.Tensor, support: torch.Tensor, values: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """``steps`` projected-gradient steps on the values of a fixed support (step 1 / ||D^T D||):
+    the gradient of 0.5 ||W - D S||^2 in S is gram @ S - proj, read at the support."""
+    k = gram.shape[0]
+    lip = torch.linalg.eigvalsh(gram)[-1].clamp_min(1e-30)
+    for _ in range(steps):
+        grad = gram @ to_dense(values, support, k) - proj  # (k, in)
+        values = values - grad.gather(0, support) / lip
+    return values
+
+
 def code_topk(
     d: torch.Tensor,
     w: torch.Tensor,
@@ -103,11 +120,18 @@ def code_topk(
     pattern: Pattern = "column",
     m: int = 4,
     support: torch.Tensor | None = None,
+    exact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """S-step by top-s of the least-squares code then a refit; with ``support`` given, refit only."""
+    """S-step: the s largest entries of each column's least-squares code, then their values
+    fitted on that support: exactly (batched s x s solves) or, with ``exact=False``, by
+    :data:`POLISH_STEPS` projected-gradient steps from the code's own values. With ``support``
+    given the support is kept and only the values are fitted."""
     gram, proj = d.t() @ d, d.t() @ w
-    if support is None:
-        support = support_topk(_solve_psd(gram, proj), s, pattern, m)
+    if support is None or not exact:
+        code = _solve_psd(gram, proj)
+        support = support_topk(code, s, pattern, m) if support is None else support
+        if not exact:
+            return polish(gram, proj, support, code.gather(0, support), POLISH_STEPS), support
     return refit(gram, proj, support), support
 
 
@@ -137,10 +161,23 @@ def dense_step(w: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
 
 
 def factorize(
-    w: torch.Tensor, k: int, s: int, *, iters: int = 10, coder: Coder = "topk", pattern: Pattern = "column", m: int = 4
+    w: torch.Tensor,
+    k: int,
+    s: int,
+    *,
+    iters: int = 10,
+    coder: Coder = "topk",
+    pattern: Pattern = "column",
+    m: int = 4,
+    refit_every: int = 0,
 ) -> tuple[Factors, list[float]]:
     """Alternating minimization from the truncated SVD; returns the best factors and the
-    relative error ||W - D S|| / ||W|| of every iterate (SVD warm start first)."""
+    relative error ||W - D S|| / ||W|| of every iterate (SVD warm start first).
+
+    The top-k coder fits the kept values exactly every ``refit_every`` iterations and on the
+    last one (0: the last only), by a few projected-gradient steps otherwise (see
+    :data:`POLISH_STEPS`; the batched s x s solves of the exact fit dominate the time).
+    """
     if not 1 <= s <= k <= min(w.shape):
         raise ValueError(f"need 1 <= nnz <= rank <= min(out, in); got nnz={s}, rank={k}, weight {tuple(w.shape)}")
     if pattern == "nm" and (k % m or (s * m) % k):
@@ -154,7 +191,8 @@ def factorize(
         if coder == "omp" and pattern == "column":
             vals, sup = code_omp(d, w64, s)
         else:
-            vals, sup = code_topk(d, w64, s, pattern, m)
+            exact = it == iters or (refit_every > 0 and it % refit_every == 0)
+            vals, sup = code_topk(d, w64, s, pattern, m, exact=exact)
         err = float((w64 - d @ to_dense(vals, sup, k)).norm() / norm)
         errs.append(err)
         if best is None or err < min(errs[:-1]):
@@ -165,19 +203,21 @@ def factorize(
     return best, errs
 
 
-def project(w: torch.Tensor, f: Factors, *, steps: int = 1, fixed_support: bool = False) -> Factors:
-    """P(W): a few warm-started alternating steps onto the dense-sparse set with the shape of ``f``.
+def project(
+    w: torch.Tensor, f: Factors, *, steps: int = 1, fixed_support: bool = False, exact: bool = False
+) -> Factors:
+    """P(W): warm-started alternating steps onto the dense-sparse set with the shape of ``f``.
 
-    ``fixed_support`` keeps f's sparsity pattern (S-step = refit only). Used by the STF in every
-    forward pass; the result is what the forward computes with.
+    Each step is a D-step (least squares for the new W given f's S) then an S-step, so the
+    returned S is the code of the returned D. ``fixed_support`` keeps f's sparsity pattern.
+    The STF calls this in every forward pass with the fast value fit (``exact=False``): the
+    warm start makes every forward one more alternating step.
     """
     k, s = f.rank, f.values.shape[0]
-    w64, d = w.detach().to(torch.float64), f.dense.to(torch.float64)
-    sup = f.indices
-    vals = f.values.to(torch.float64)
+    w64 = w.detach().to(torch.float64)
+    vals, sup = f.values.to(torch.float64), f.indices
+    d = f.dense.to(torch.float64)
     for _ in range(steps):
-        vals, sup = code_topk(d, w64, s, support=sup if fixed_support else None, pattern=f.pattern, m=f.m)
         d = dense_step(w64, to_dense(vals, sup, k))
-    # a final S-step so that S is optimal for the returned D
-    vals, sup = code_topk(d, w64, s, support=sup if fixed_support else None, pattern=f.pattern, m=f.m)
+        vals, sup = code_topk(d, w64, s, f.pattern, f.m, sup if fixed_support else None, exact)
     return Factors(d, vals, sup, f.pattern, f.m)
