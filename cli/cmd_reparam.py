@@ -30,9 +30,15 @@ def reparam(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
     accumulate: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
     data: Annotated[
-        str, typer.Option("--data", "--calib", help="Training data: builtin, a .txt/.jsonl file, an .npz or images.")
-    ] = "builtin",
-    samples: Annotated[int, typer.Option(min=1, max=100_000, help="Training samples.")] = 300,
+        str,
+        typer.Option(
+            "--data",
+            "--calib",
+            help="Training data: auto (wiki text; images need a file), wiki, spans, builtin, a .txt/.jsonl file, "
+            "an .npz or an image folder. A file also gives the held-apart evaluation samples.",
+        ),
+    ] = "auto",
+    samples: Annotated[int, typer.Option(min=1, max=1_000_000, help="Training samples.")] = 4096,
     seq_len: Annotated[int, typer.Option(min=4, max=32_768, help="Tokens per sample.")] = 128,
     force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle weights (read with weights_only=True).")] = False,
@@ -52,10 +58,14 @@ def reparam(
         fold=fold,
         lr=lr,
         accumulate=accumulate,
+        data=data,
+        samples=samples,
+        seq_len=seq_len,
     )
     if output.exists() and not force:
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
-    spec = data_spec(data, samples, seq_len)
+    is_file = data not in ("auto", "builtin", "synthetic", "wiki", "spans") and "+" not in data
+    spec = data_spec(data if is_file else "builtin", min(samples, 100_000), seq_len)
 
     from squeeze.compress.checkpoint import load, save
     from squeeze.compress.passes import PassContext, run_pass

@@ -242,7 +242,8 @@ def test_sla_linear_order_equals_quadratic_order():
 def _run(folder, **kw):
     c = ck.load(folder)
     ctx = PassContext(family=c.family, checkpoint=c, calibration=SPEC)
-    return c, run_pass(ReparamPass(steps=kw.pop("steps", 3), lr=1e-3, **kw), [c], ctx, measure_fidelity=False), ctx
+    kw = {"steps": 3, "lr": 1e-3, "data": "builtin" if c.family.modality == "text" else "auto", "samples": 16, **kw}
+    return c, run_pass(ReparamPass(**kw), [c], ctx, measure_fidelity=False), ctx
 
 
 def _outs(model, family, batches):
@@ -304,24 +305,9 @@ def test_sla_pass_reloads_and_exports(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cli_reparam_and_export_validate(name, tiny_dirs, tmp_path):
     out = tmp_path / "r"
-    assert (
-        main(
-            [
-                "reparam",
-                str(tiny_dirs[name]),
-                "-o",
-                str(out),
-                "--steps",
-                "2",
-                "--samples",
-                "16",
-                "--seq-len",
-                "16",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    data = ["--data", "builtin"] if name != "vit" else []
+    args = ["reparam", str(tiny_dirs[name]), "-o", str(out), "--steps", "2", "--samples", "16", "--seq-len", "16"]
+    assert main([*args, *data, "--json"]) == 0
     assert main(["export", str(out), "-o", str(tmp_path / "r.onnx")]) == 0
     report = json.loads((tmp_path / "r.onnx.report.json").read_text())
     assert report["ok"]
@@ -354,6 +340,20 @@ def test_reparameterized_checkpoint_is_refused(tiny_dirs, tmp_path, capsys):
     assert main(["reparam", str(out), "-o", str(tmp_path / "twice"), "--steps", "2"]) == 2
     assert "already" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
+
+
+def test_training_data_source(tiny_dirs, tmp_path):
+    from squeeze.compress.train_data import wiki_available
+
+    for name, calib, want in [
+        ("vit", "builtin", "synthetic"),  # no images given: synthetic, with a warning
+        ("vit", str(tmp_path / "x.npz"), str(tmp_path / "x.npz")),  # the calibration images
+        ("bert", "builtin", "wiki" if wiki_available() else "builtin"),
+    ]:
+        c = ck.load(tiny_dirs[name])
+        ctx = PassContext(family=c.family, checkpoint=c, calibration=DataSpec(source=calib))
+        assert ReparamPass().data_source(ctx) == want
+        assert ReparamPass(data="spans").data_source(ctx) == "spans"
 
 
 def test_config_and_recipe_step():

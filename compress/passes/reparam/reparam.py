@@ -56,6 +56,12 @@ class ReparamConfig(PassConfig):
     lr: float = Field(1e-4, gt=0, le=1.0)
     accumulate: int = Field(1, ge=1, le=1024)
     eta: float = 0.0  # initial eta (SLAB's vision code starts at 1, its LLaMA code at 0)
+    data: str = Field(
+        "auto", description="training data: auto (wiki text; images: the calibration source), or as for distill"
+    )
+    samples: int = Field(4096, ge=1, le=1_000_000)
+    seq_len: int = Field(128, ge=4, le=32_768)
+    batch_size: int = Field(16, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> ReparamConfig:
@@ -162,15 +168,44 @@ class ReparamPass(Pass):
                 if isinstance(get_site(family, model, site), nn.Identity):
                     raise SqueezeError(f"the norm at {site} is already folded away")
 
+    def data_source(self, ctx: PassContext) -> str:
+        """The training source: ``auto`` is the wiki text for text models (the 300 built-in lines
+        when it is not installed) and the calibration images for ViT."""
+        from squeeze.compress.train_data import wiki_available
+
+        src = self.config.data  # type: ignore[attr-defined]
+        if src != "auto":
+            return src
+        calib = ctx.calibration.source if ctx.calibration is not None else "builtin"
+        if ctx.family.modality == "vision":
+            if calib in ("builtin", "synthetic"):
+                ctx.warn("reparam: no image data given, training on synthetic images (pass --data an .npz or folder)")
+                return "synthetic"
+            return calib
+        if calib not in ("builtin", "synthetic"):
+            return calib
+        if wiki_available():
+            return "wiki"
+        ctx.warn("reparam: the wiki training text is not installed; training on the 300 built-in calibration lines")
+        return "builtin"
+
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
         from squeeze.compress.distill import DistillConfig, distill
+        from squeeze.compress.train_data import TrainSpec, training_batches
 
         cfg: ReparamConfig = self.config  # type: ignore[assignment]
         fam = ctx.family
         self.check(fam, models)
         model = models[0]
         teacher = copy.deepcopy(model).eval()
-        batches = ctx.calib_batches()
+        spec = TrainSpec(
+            source=self.data_source(ctx),
+            samples=cfg.samples,
+            seq_len=cfg.seq_len,
+            batch_size=cfg.batch_size,
+            seed=ctx.seed,
+        )
+        batches = training_batches(ctx.checkpoint, spec, warn=ctx.warn)
         if not batches:
             raise SqueezeError("reparam: no training batches (the data source is empty)")
         result = ReparamResult(norms={})
