@@ -71,6 +71,10 @@ class Aligner:
         self.acts0, self.acts1 = acts0, acts1
         self.cfg = settings
         self.plans: dict[tuple[str, str], torch.Tensor] = {}  # (space, part or stage) -> row-scaled plan
+        self._by_param: dict[str, list[tuple[str, Axis]]] = {}  # model 0's tensor -> its (space, axis) pairs
+        for name, s in self.s0.items():
+            for ax in s.axes:
+                self._by_param.setdefault(ax.param, []).append((name, ax))
 
     # ---------------- one plan ----------------
 
@@ -106,8 +110,15 @@ class Aligner:
     def _space_plan(self, name: str, part: str, tap: str, heads=None) -> torch.Tensor:
         if self.cfg.cost == "acts" or self.cfg.solver == "none":
             return self._act_plan(name, tap, heads) if self.cfg.solver != "none" else self._identity(name, part)
-        pick = lambda s: [a for a in s.axes if a.part == part and a.io == "out" and a.param.endswith("weight")]  # noqa: E731
-        return self._weight_plan(pick(self.s0[name]), pick(self.s1[name]), heads)
+        return self._weight_plan(self._producers(0, name, part), self._producers(1, name, part), heads)
+
+    def _producers(self, which: int, name: str, part: str, stage: int | None = None) -> list[Axis]:
+        """The weight matrices whose rows are the space's neurons (biases and norms left out)."""
+        space = (self.s0 if which == 0 else self.s1)[name]
+        return [
+            a for a in space.axes
+            if a.part == part and a.io == "out" and a.param.endswith("weight") and (stage is None or a.stage == stage)
+        ]  # fmt: skip
 
     def _identity(self, name: str, part: str) -> torch.Tensor:
         return solve(torch.zeros(self._size(0, name, part), self._size(1, name, part)), "none", 0.0)
@@ -135,10 +146,9 @@ class Aligner:
 
     def solve_all(self, n_layers: int) -> None:
         """Every plan, in forward order."""
-        r0, r1 = self.s0["residual"], self.s1["residual"]
         if self.cfg.cost == "weights" and self.cfg.solver != "none":
-            emb = lambda s: [a for a in s.axes if a.stage == 0 and a.part == "embed" and a.param.endswith("weight")]  # noqa: E731
-            self.plans[("residual", "0")] = self._weight_plan(emb(r0), emb(r1))
+            emb0, emb1 = (self._producers(w, "residual", "embed", stage=0) for w in (0, 1))
+            self.plans[("residual", "0")] = self._weight_plan(emb0, emb1)
         else:
             self.plans[("residual", "0")] = self._space_plan("residual", "all", "embed")
         for i in range(n_layers):
@@ -159,8 +169,7 @@ class Aligner:
     def _branch_plan(self, stage: int, part: str, tap: str) -> torch.Tensor:
         if self.cfg.cost == "acts" or self.cfg.solver == "none":
             return self._space_plan("residual", "all", tap)
-        pick = lambda s: [a for a in s.axes if a.stage == stage and a.part == part and a.param.endswith("weight")]  # noqa: E731
-        return self._weight_plan(pick(self.s0["residual"]), pick(self.s1["residual"]))
+        return self._weight_plan(*(self._producers(w, "residual", part, stage=stage) for w in (0, 1)))
 
     # ---------------- moving tensors ----------------
 
@@ -176,31 +185,23 @@ class Aligner:
         stop = t.shape[ax.dim] if ax.stop is None else ax.stop
         return t.narrow(ax.dim, ax.start, stop - ax.start)
 
-    def _axes_of(self, key: str) -> list[tuple[str, Axis]]:
-        if not hasattr(self, "_by_key"):
-            self._by_key: dict[str, list[tuple[str, Axis]]] = {}
-            for name, s in self.s0.items():
-                for ax in s.axes:
-                    self._by_key.setdefault(ax.param, []).append((name, ax))
-        return self._by_key.get(key, [])
-
-    def _align_other_axes(self, key: str, t: torch.Tensor, skip: Axis) -> torch.Tensor:
-        """Input-align a producer's slice on its axes other than ``skip`` (whole-tensor axes only)."""
-        for name, ax in self._axes_of(key):
-            if ax.dim != skip.dim and ax.start == 0 and ax.stop is None and (name, ax.part) in self._ready(name, ax):
+    def _align_other_axes(self, param: str, t: torch.Tensor, skip: Axis) -> torch.Tensor:
+        """Input-align a producer's rows on its other whole-tensor axes whose plans exist already."""
+        for name, ax in self._by_param.get(param, []):
+            if ax.dim != skip.dim and ax.start == 0 and ax.stop is None and self._has_plan(name, ax):
                 t = transport(t, ax.dim, self.plan_for(name, ax))
         return t
 
-    def _ready(self, name: str, ax: Axis) -> set:
-        key = ("residual", str(ax.stage)) if name == "residual" else (name, ax.part)
-        ok = key in self.plans or (name != "residual" and (name, "all") in self.plans)
-        return {(name, ax.part)} if ok else set()
+    def _has_plan(self, name: str, ax: Axis) -> bool:
+        if name == "residual":
+            return ("residual", str(ax.stage)) in self.plans
+        return (name, ax.part) in self.plans or (name, "all") in self.plans
 
     def aligned_state(self) -> dict[str, torch.Tensor]:
         """Model 0's state dict moved into the anchor's neurons (the anchor's shapes)."""
         out = {}
         for key, t in self.state0.items():
-            axes = self._axes_of(key)
+            axes = self._by_param.get(key, [])
             if not axes or not t.is_floating_point():
                 out[key] = t
                 continue
