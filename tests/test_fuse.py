@@ -132,6 +132,30 @@ def test_every_scaled_plan_sums_to_one_per_row():
         torch.testing.assert_close(plan.sum(1), torch.ones(len(plan), dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+def test_residual_policies_combine_stream_and_branch_plans():
+    """After layer 0's attention the stream plan is policy(stage-0 plan, branch plan): ``mean`` is
+    the midpoint of ``only_resid`` and ``no_resid``, ``weighted`` a convex mix of the two."""
+    from squeeze.compress.passes.fuse.acts import capture
+    from squeeze.compress.passes.fuse.align import Aligner, AlignSettings
+
+    a, c = build_tiny("vit", layers=2), build_tiny("vit", layers=2, seed=3)
+    fam = family_for("vit")
+    sp = [weight_spaces(fam, m) for m in (a, c)]
+    acts = [capture(m, fam, s, _batches("vit"), 4096) for m, s in zip((a, c), sp, strict=True)]
+    stage1 = {}
+    for policy in ("mean", "weighted", "only_resid", "no_resid"):
+        al = Aligner(sp[0], sp[1], a.state_dict(), c.state_dict(), acts[0], acts[1], AlignSettings(residual=policy))
+        al.solve_all(2)
+        stage1[policy] = al.plans[("residual", "1")]
+    resid, branch = stage1["only_resid"], stage1["no_resid"]
+    assert not torch.allclose(resid, branch)
+    torch.testing.assert_close(stage1["mean"], (resid + branch) / 2, atol=1e-12, rtol=0)
+    w = stage1["weighted"]
+    lam = float(((w - branch) * (resid - branch)).sum() / ((resid - branch) ** 2).sum())
+    assert 0 < lam < 1 and abs(lam - 0.5) > 1e-3
+    torch.testing.assert_close(w, lam * resid + (1 - lam) * branch, atol=1e-9, rtol=0)
+
+
 def test_sinkhorn_approaches_emd_as_reg_shrinks():
     from squeeze.compress.passes.fuse.transport import ground_cost
 
@@ -269,3 +293,4 @@ def test_refusals_name_the_mismatch_and_write_nothing(pair, tiny_dirs, tmp_path,
         assert code == 2, (case, err)
         assert words in err and len(err.strip().splitlines()) == 1, (case, err)
         assert not out.exists(), case
+
