@@ -31,6 +31,7 @@ def export(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16."),
     weights: str = typer.Option(None, "--weights", help="int4 or int8: blockwise MatMulNBits / GatherBlockQuantized."),
     block_size: int = typer.Option(32, "--block-size", help="Weight block size of --weights (power of two >= 16)."),
+    optimize: bool = typer.Option(False, "--optimize", help="Fuse with ONNX Runtime's transformer optimizer (bert, vit)."),
     force: bool = ForceOpt,
     trust_pickle: bool = TrustPickleOpt,
     as_json: bool = JsonOpt,
@@ -42,7 +43,8 @@ def export(
     try:
         report = export_model(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
                               target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference,
-                              task=task, dtype=dtype, weights=weights, block_size=block_size)
+                              task=task, dtype=dtype, weights=weights, block_size=block_size,
+                              optimize=optimize)
     except ValidationFailed:
         raise
     if as_json:

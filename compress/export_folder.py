@@ -56,7 +56,7 @@ from squeeze.compress.export_decoder import (
     resolve_task,
     validate_generation,
 )
-from squeeze.compress.export_graph import save, share_tied_weights, to_fp16
+from squeeze.compress.export_graph import FUSABLE, fuse, save, share_tied_weights, to_fp16
 from squeeze.compress.paths import check_output
 from squeeze.compress.quant.onnx_check import check as quant_check
 from squeeze.compress.quant.onnx_check import validation_rule
@@ -101,6 +101,7 @@ def export_model(
     data: DataSpec | None = None,
     new_tokens: int = NEW_TOKENS,
     external: bool | None = None,
+    optimize: bool = False,
     **legacy: Any,
 ) -> dict[str, Any]:
     """Export ``ckpt`` to ``out`` (a ``.onnx`` file, or an Optimum-style folder); return the report.
@@ -116,7 +117,11 @@ def export_model(
         folder = check_output(folder, sources, force=force, kind="dir")
         force = True
     file = out if folder is None else folder / "model.onnx"
-    plain_path = kind == "default" and dtype == "fp32" and weights is None and opset <= TORCHSCRIPT_MAX_OPSET
+    if optimize and (kind != "default" or ckpt.family.name not in FUSABLE or ckpt.family.causal):
+        raise SqueezeError(f"--optimize fuses encoder graphs ({', '.join(FUSABLE)}); not {ckpt.family.name} ({kind})")
+    plain_path = (
+        kind == "default" and dtype == "fp32" and weights is None and opset <= TORCHSCRIPT_MAX_OPSET and not optimize
+    )
     if plain_path:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -162,6 +167,7 @@ def export_model(
             data=data,
             new_tokens=new_tokens,
             external=external,
+            optimize=optimize,
             plain=bool(legacy.get("plain", False)),
             latency=bool(legacy.get("latency", True)),
         )
@@ -203,6 +209,7 @@ def _export(
     data: DataSpec | None,
     new_tokens: int,
     external: bool | None,
+    optimize: bool,
     plain: bool,
     latency: bool,
 ) -> dict[str, Any]:
@@ -228,6 +235,9 @@ def _export(
                 f"(--activations none) by squeeze at <= {weights[3:]} bits"
             )
         rule = None  # the graph computes exactly the twin's dequantized weights
+    if optimize:  # the optimizer matches eager attention's pattern, not the fused SDPA call
+        model = copy.deepcopy(model) if model is ckpt.model else model
+        model.set_attn_implementation("eager")
     reference = _reference_model(model, dtype)
 
     def judge(got: np.ndarray, want: np.ndarray, name: str) -> dict[str, Any]:
@@ -274,6 +284,12 @@ def _export(
                 vision=ckpt.family.modality == "vision",
             )
         proto = finalize_onnx(onnx.load(str(tmp)), plain=plain)
+        if optimize:  # fuse first, quantize after fusion
+            onnx.save(proto, str(tmp))
+            cfg = ckpt.model.config
+            proto, report["fused"] = fuse(
+                tmp, ckpt.family.name, ckpt.family.num_heads(cfg), ckpt.family.hidden_size(cfg)
+            )
         if registry is not None:
             from squeeze.compress.export_nbits import rewrite
 

@@ -136,3 +136,23 @@ def save(model: onnx.ModelProto, path: Path, *, external: bool | None = None) ->
         return [path, data]
     onnx.save_model(model, str(path))
     return [path]
+
+
+#: ONNX Runtime transformer-optimizer model types of the encoder families it fuses
+FUSABLE = {"bert": "bert", "vit": "vit"}
+
+
+def fuse(path: Path, family: str, num_heads: int, hidden_size: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ONNX Runtime's transformer optimizer on the graph at ``path`` (exported with eager
+    attention, the pattern it matches): fused Attention, SkipLayerNormalization, ... Returns the
+    fused model and the counts of fused operators."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimize_model(
+        str(path), model_type=FUSABLE[family], num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False
+    )
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    return opt.model, stats

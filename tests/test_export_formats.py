@@ -91,3 +91,13 @@ def test_bad_format_options(tiny_dirs, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimize_fuses_bert_attention_and_still_validates(tiny_dirs, tmp_path):
+    out = tmp_path / "fused.onnx"
+    assert main(["export", str(tiny_dirs["bert"]), "-o", str(out), "--optimize", "--weights", "int4"]) == 0
+    report = json.loads((tmp_path / "fused.onnx.report.json").read_text())
+    assert report["ok"] and report["fused"]["Attention"] == 4 and report["fused"]["SkipLayerNormalization"] >= 4
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"Attention", "MatMulNBits"} <= ops  # quantized after fusion
+    assert main(["export", str(tiny_dirs["llama"]), "-o", str(tmp_path / "l.onnx"), "--optimize"]) == 2
