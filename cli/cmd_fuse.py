@@ -43,10 +43,11 @@ def fuse(
     if len(models) < 2:
         raise SqueezeError(f"fuse needs at least two models, got {len(models)}")
     anchor_i = len(models) - 1
-    if anchor is not None:
-        if anchor not in models:
+    if anchor is not None:  # the same reference, or the same folder written another way
+        same = [i for i, m in enumerate(models) if m == anchor or Path(m).resolve() == Path(anchor).resolve()]
+        if not same:
             raise SqueezeError(f"--anchor: {anchor!r} is not one of the models given")
-        anchor_i = models.index(anchor)
+        anchor_i = same[-1]
     parsed = parse_weights(weights, len(models))
     if output.exists() and not force:  # fail before loading anything
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")

@@ -249,6 +249,10 @@ def test_cli_fuse_save_reload_export(pair, tmp_path):
     torch.testing.assert_close(_out(again.model, "gpt2"), _out(fused.model, "gpt2"), atol=0, rtol=0)
     report = export_onnx(fused, tmp_path / "fused.onnx", latency=False)
     assert report["ok"]
+    # --anchor names a model however it is spelled: fusing into A returns A
+    code = main(["fuse", str(a), str(b), "-o", str(tmp_path / "into_a"), "--anchor", f"{a}/", "--solver", "emd",
+                 "--samples", "4", "--seq-len", "16"])  # fmt: skip
+    assert code == 0 and _max_diff(load(tmp_path / "into_a").model, load(a).model) <= EXACT_ATOL
 
 
 def test_heterogeneous_result_reloads_in_the_anchor_shape(tmp_path):
