@@ -288,7 +288,11 @@ def _export(
             onnx.save(proto, str(tmp))
             cfg = ckpt.model.config
             proto, report["fused"] = fuse(
-                tmp, ckpt.family.name, ckpt.family.num_heads(cfg), ckpt.family.hidden_size(cfg)
+                tmp,
+                ckpt.family.name,
+                ckpt.family.num_heads(cfg),
+                ckpt.family.hidden_size(cfg),
+                keep_gather=registry is not None,
             )
         if registry is not None:
             from squeeze.compress.export_nbits import rewrite

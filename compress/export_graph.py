@@ -142,17 +142,29 @@ def save(model: onnx.ModelProto, path: Path, *, external: bool | None = None) ->
 FUSABLE = {"bert": "bert", "vit": "vit"}
 
 
-def fuse(path: Path, family: str, num_heads: int, hidden_size: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+def fuse(
+    path: Path, family: str, num_heads: int, hidden_size: int, *, keep_gather: bool = False
+) -> tuple[onnx.ModelProto, dict[str, int]]:
     """ONNX Runtime's transformer optimizer on the graph at ``path`` (exported with eager
     attention, the pattern it matches): fused Attention, SkipLayerNormalization, ... Returns the
-    fused model and the counts of fused operators."""
+    fused model and the counts of fused operators. ``keep_gather`` leaves the embedding lookup
+    out of EmbedLayerNormalization, so a blockwise-quantized table can replace it."""
     import logging
 
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    options = FusionOptions(FUSABLE[family])
+    options.enable_embed_layer_norm = not keep_gather
     opt = optimize_model(
-        str(path), model_type=FUSABLE[family], num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False
+        str(path),
+        model_type=FUSABLE[family],
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        opt_level=0,
+        use_gpu=False,
+        optimization_options=options,
     )
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     return opt.model, stats

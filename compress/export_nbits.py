@@ -106,7 +106,8 @@ def float_twin(model: nn.Module, family: Family, *, bits: int, block_size: int) 
                 lin.weight.copy_(packed.dequant())
                 if mod.bias is not None:
                     lin.bias.copy_(mod.bias)
-            _replace(twin, mod, lin)
+            # a shared per-channel input affine (RepQuant's reparameterization) stays in front
+            _replace(twin, mod, lin if mod.affine is None else nn.Sequential(mod.affine, lin))
             mod = lin
         else:
             w = family.linear_weight(mod)

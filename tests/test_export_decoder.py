@@ -137,3 +137,23 @@ def test_corrupted_decoder_graph_is_rejected(tiny_dirs, tmp_path, monkeypatch):
     with pytest.raises(ValidationFailed, match="validation failed"):
         export_model(ck.load(tiny_dirs["llama"]), tmp_path / "bad.onnx", latency=False)
     assert not (tmp_path / "bad.onnx").exists() and (tmp_path / "bad.rejected.onnx").exists()
+
+
+def test_merged_decoder_carries_one_cache_per_expert(tiny_dirs, tmp_path):
+    import shutil
+
+    from tiny import build_tiny
+
+    from squeeze.compress.passes import get_pass
+
+    other = tmp_path / "b"
+    build_tiny("llama", seed=1).save_pretrained(str(other))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dirs["llama"] / name, other / name)
+    first = ck.load(tiny_dirs["llama"])
+    ctx = PassContext(family=first.family, calibration=SPEC)
+    merged = run_pass(get_pass("merge")(), [first, ck.load(other)], ctx, measure_fidelity=False)
+    report = export_model(merged, tmp_path / "m.onnx", latency=False)
+    assert report["ok"] and report["generation"]["tokens_equal"] and report["cache_slots"] == [4, 4]
+    names = [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input]
+    assert names[-1] == "past_key_values.7.value"

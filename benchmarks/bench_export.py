@@ -1,0 +1,200 @@
+"""Export formats side by side: sizes, ONNX Runtime latency, fidelity; KV-cache decoding speed.
+
+    .venv/bin/python benchmarks/bench_export.py [--quick]
+
+1. The real all-MiniLM-L6-v2: fp32 / fp16 / int8 / int4 graphs (MatMulNBits, blocks of 32), unfused and
+   fused (``--optimize``): file size, latency relative to the fp32 unfused graph at batch 1 and 8,
+   sequence 16 and 128 (graphs interleaved in rounds, same process and threads), and the cosine of
+   the mean-pooled embeddings against fp32 PyTorch on held-apart text.
+2. A decoder (tiny llama from a config, hidden 256, 4 layers: no real decoder is installed here):
+   greedy decode tokens/s with the KV-cache graph against re-running the cache-less graph on the
+   whole sequence at every step, batch 1, 64-token prompt, 64 new tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from common import (
+    MINILM,
+    THREADS,
+    ck,
+    eval_batches,
+    latency_feeds,
+    onnx_fidelity,
+    ort_latency_ms,
+    ort_session,
+    reference_outputs,
+    write_results,
+)
+
+from squeeze.compress.export_decoder import cache_layout, ort_greedy
+from squeeze.compress.export_folder import export_model
+from squeeze.compress.export_graph import weight_bytes
+
+VARIANTS = {  # name: export_model options
+    "fp32": {},
+    "fp16": {"dtype": "fp16"},
+    "int8 (MatMulNBits)": {"weights": "int8"},
+    "int4 (MatMulNBits)": {"weights": "int4"},
+    "fp32 fused": {"optimize": True},
+    "fp16 fused": {"optimize": True, "dtype": "fp16"},
+    "int4 fused": {"optimize": True, "weights": "int4"},
+}
+SHAPES = [(1, 16), (8, 16), (1, 128), (8, 128)]
+
+
+def minilm(folder: Path, quick: bool) -> tuple[dict, str]:
+    ckpt = ck.load(MINILM)
+    paths, rows, skipped = {}, {}, {}
+    ref = reference_outputs(ckpt.model, ckpt.family, eval_batches(ckpt, 32 if quick else 100))
+    for name, opts in VARIANTS.items():
+        path = folder / f"minilm-{name.split()[0]}-{'fused' if 'fused' in name else 'plain'}.onnx"
+        start = time.perf_counter()
+        try:
+            report = export_model(ckpt, path, force=True, latency=False, task="feature-extraction", **opts)
+        except Exception as exc:  # a combination ONNX Runtime cannot run is reported, not hidden
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            continue
+        fid = onnx_fidelity(path, ref)
+        rows[name] = {
+            "bytes": path.stat().st_size,
+            "weight_bytes": weight_bytes(onnx.load(str(path))),
+            "export_s": round(time.perf_counter() - start, 1),
+            "cos_mean": fid["cos_mean"],
+            "cos_worst": fid["cos_worst"],
+            "validation_max_abs": max(c["max_abs"] for c in report["validation"]),
+            "fused": report.get("fused", {}),
+        }
+        paths[name] = path
+    # squeeze's own GPTQ rounding (quantize --weights int4 --activations none, per-channel codes) as
+    # MatMulNBits, against the blockwise round-to-nearest default above
+    from squeeze.compress.calibration import DataSpec
+    from squeeze.compress.passes import PassContext, run_pass
+    from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
+
+    start = time.perf_counter()
+    spec = DataSpec(samples=64 if quick else 128, seq_len=128, batch_size=16)
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=spec)
+    gptq = run_pass(
+        QuantizePass(QuantizeConfig(weights="int4", activations="none", embeddings=False)),
+        [ckpt],
+        ctx,
+        measure_fidelity=False,
+    )
+    path = folder / "minilm-int4-gptq.onnx"
+    report = export_model(gptq, path, force=True, latency=False, weights="int4", block_size=32)
+    fid = onnx_fidelity(path, ref)
+    rows["int4 GPTQ per-channel (MatMulNBits)"] = {
+        "bytes": path.stat().st_size,
+        "weight_bytes": weight_bytes(onnx.load(str(path))),
+        "export_s": round(time.perf_counter() - start, 1),
+        "cos_mean": fid["cos_mean"],
+        "cos_worst": fid["cos_worst"],
+        "validation_max_abs": max(c["max_abs"] for c in report["validation"]),
+        "fused": {},
+    }
+    paths["int4 GPTQ per-channel (MatMulNBits)"] = path
+    sessions = {k: ort_session(p, threads=THREADS) for k, p in paths.items()}
+    rounds, runs = (2, 10) if quick else (3, 20)
+    for b, s in SHAPES:
+        feeds = latency_feeds(ckpt, b, s)
+        times = {k: [] for k in paths}
+        for _ in range(rounds):
+            for k, sess in sessions.items():
+                names = {i.name for i in sess.get_inputs()}
+                times[k].append(
+                    ort_latency_ms(sess, {n: v for n, v in feeds.items() if n in names}, warmup=3, runs=runs)
+                )
+        for k in paths:
+            rows[k][f"ms_b{b}_s{s}"] = round(float(np.median(times[k])), 3)
+    base = rows["fp32"]
+    lines = [
+        "| graph | file | vs fp32 | cosine (mean / worst) | " + " | ".join(f"b{b} s{s}" for b, s in SHAPES) + " |",
+        "|---|---|---|---|" + "---|" * len(SHAPES),
+    ]
+    for k, r in rows.items():
+        lat = " | ".join(
+            f"{r[f'ms_b{b}_s{s}']:.2f} ms ({r[f'ms_b{b}_s{s}'] / base[f'ms_b{b}_s{s}']:.2f}x)" for b, s in SHAPES
+        )
+        lines.append(
+            f"| {k} | {r['bytes'] / 1e6:.1f} MB | {r['bytes'] / base['bytes']:.2f}x | "
+            f"{r['cos_mean']:.5f} / {r['cos_worst']:.5f} | {lat} |"
+        )
+    fused = rows["fp32 fused"]["fused"]
+    lines.append("")
+    lines.append("Fused operators (fp32 fused): " + ", ".join(f"{k} {v}" for k, v in sorted(fused.items())))
+    lines += [f"Not measured: {k}: {v}" for k, v in skipped.items()]
+    return {**rows, "skipped": skipped}, "\n".join(lines)
+
+
+def decoder(folder: Path, quick: bool) -> tuple[dict, str]:
+    from tiny import make_tiny
+
+    ckpt = ck.load(
+        make_tiny(
+            "llama",
+            folder / "llama-256",
+            hidden=256,
+            layers=4,
+            intermediate_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )
+    )
+    cached, plain = folder / "dec-cache.onnx", folder / "dec-plain.onnx"
+    export_model(ckpt, cached, force=True, latency=False)
+    export_model(ckpt, plain, force=True, latency=False, task="text-generation")
+    prompt, new = (32, 32) if quick else (64, 64)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(8, 384, (1, prompt), generator=gen).numpy()
+    mask = np.ones_like(ids)
+    s_cache, s_plain = ort_session(cached, threads=THREADS), ort_session(plain, threads=THREADS)
+    layout = cache_layout(ckpt.model)
+    out: dict[str, list[float]] = {"kv": [], "plain": []}
+    for _ in range(2 if quick else 3):
+        start = time.perf_counter()
+        tok_kv, _ = ort_greedy(s_cache, layout, ids, mask, new, np.float32)
+        out["kv"].append(new / (time.perf_counter() - start))
+        start = time.perf_counter()
+        seq = ids
+        for _ in range(new):  # no cache: the whole sequence every step
+            names = {i.name for i in s_plain.get_inputs()}
+            feeds = {"input_ids": seq, "attention_mask": np.ones_like(seq)}
+            logits = s_plain.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+            seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None]], axis=1)
+        out["plain"].append(new / (time.perf_counter() - start))
+        assert seq[0, prompt:].tolist() == tok_kv[0].tolist()  # same tokens either way
+    res = {k: round(float(np.median(v)), 1) for k, v in out.items()}
+    res.update(prompt=prompt, new_tokens=new, params=sum(p.numel() for p in ckpt.model.parameters()))
+    md = (
+        f"| decoder (tiny llama, {res['params'] / 1e6:.1f} M params) | tokens/s |\n|---|---|\n"
+        f"| KV-cache graph (text-generation-with-past) | {res['kv']} |\n"
+        f"| re-running the prefill graph (text-generation) | {res['plain']} |\n\n"
+        f"Batch 1, {prompt}-token prompt, {new} new tokens, greedy; the two loops pick the same tokens; "
+        f"speed-up {res['kv'] / res['plain']:.1f}x."
+    )
+    return res, md
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    quick = "--quick" in sys.argv
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, md1 = minilm(Path(tmp), quick)
+        dec, md2 = decoder(Path(tmp), quick)
+    md = (
+        "## all-MiniLM-L6-v2: export formats (ONNX Runtime CPU, "
+        f"{THREADS} threads)\n\n" + md1 + "\n\n## Decoding with the KV cache\n\n" + md2 + "\n"
+    )
+    write_results("export", {"minilm": rows, "decoder": dec, "quick": quick}, md)
+
+
+if __name__ == "__main__":
+    main()
