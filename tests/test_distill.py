@@ -462,3 +462,13 @@ def test_decoders_can_train_on_text_sampled_from_the_teacher(tiny_dirs):
     b = training_batches(src, spec, teacher=src)
     assert a and all(x["input_ids"].shape[1] == 8 for x in a)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+
+
+def test_a_mix_takes_equal_shares_of_its_sources(tiny_dirs, tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("\n".join(f"zebra {i}" for i in range(200)))
+    src = ck.load(tiny_dirs["bert"])
+    spec = TrainSpec(source=f"builtin+{f}", samples=40, seq_len=16, batch_size=8)
+    tok = src.tokenizer()
+    texts = [tok.decode(row, skip_special_tokens=True) for b in training_batches(src, spec) for row in b["input_ids"]]
+    assert len(texts) == 40 and sum("zebra" in t for t in texts) == 20
