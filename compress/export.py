@@ -390,5 +390,8 @@ def tensorrt_readiness(model: onnx.ModelProto) -> dict[str, Any]:
     if profile:
         notes.append("dynamic inputs need an optimization profile: " + ", ".join(f"{k}[{'x'.join(v)}]" for k, v in profile.items())
                      + " (trtexec --minShapes/--optShapes/--maxShapes)")
-    return {"ok": not problems, "problems": sorted(set(problems)), "notes": sorted(set(notes)), "dynamic_inputs": profile,
+    from squeeze.compress.export_trt import grouped, qdq_problems  # one line per problem, with its fix
+
+    problems = grouped(problems + qdq_problems(model))
+    return {"ok": not problems, "problems": problems, "notes": sorted(set(notes)), "dynamic_inputs": profile,
             "op_counts": counts, "tensorrt_version": ops.get("tensorrt_version"), "source": ops.get("source")}

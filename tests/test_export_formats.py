@@ -101,3 +101,54 @@ def test_optimize_fuses_bert_attention_and_still_validates(tiny_dirs, tmp_path):
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"Attention", "MatMulNBits"} <= ops  # quantized after fusion
     assert main(["export", str(tiny_dirs["llama"]), "-o", str(tmp_path / "l.onnx"), "--optimize"]) == 2
+
+
+def test_tensorrt_check_refuses_asymmetric_qdq_and_groups_problems(tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from squeeze.compress.export import tensorrt_readiness
+
+    def qdq(i, zp):
+        return [
+            helper.make_node("QuantizeLinear", [f"x{i}", "s", zp], [f"q{i}"], name=f"q{i}"),
+            helper.make_node("DequantizeLinear", [f"q{i}", "s", zp], [f"x{i + 1}"], name=f"dq{i}"),
+        ]
+
+    inits = [
+        numpy_helper.from_array(np.float32(0.1), "s"),
+        numpy_helper.from_array(np.uint8(128), "zu8"),
+        numpy_helper.from_array(np.int8(3), "z3"),
+        numpy_helper.from_array(np.int8(0), "z0"),
+    ]
+    nodes = qdq(0, "z0") + qdq(1, "zu8") + qdq(2, "z3") + qdq(3, "zu8")
+    nodes += [helper.make_node("FastGelu", ["x4"], [f"g{i}"], domain="com.microsoft") for i in range(3)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("g0", TensorProto.FLOAT, [4])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    trt = tensorrt_readiness(model)
+    assert not trt["ok"] and len(trt["problems"]) == 5, trt["problems"]  # one line per problem, not per node
+    text = "\n".join(trt["problems"])
+    assert "QuantizeLinear with a uint8 zero point: 2 node(s)" in text  # qdq(1) and qdq(3)
+    assert (
+        "DequantizeLinear with a non-zero zero point: 1 node(s)" in text and "FastGelu" in text and "3 node(s)" in text
+    )
+    assert all("; fix: " in line for line in trt["problems"])
+    symmetric = helper.make_model(
+        helper.make_graph(
+            qdq(0, "z0"),
+            "s",
+            graph.input,
+            [helper.make_tensor_value_info("x1", TensorProto.FLOAT, [4])],
+            initializer=inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    assert tensorrt_readiness(symmetric)["ok"]
