@@ -54,7 +54,11 @@ def qdq_problems(model: onnx.ModelProto) -> list[str]:
                     problems.append(f"{node.op_type} with a non-zero zero point ({where}node {node.name or '?'})")
             fn = functions.get((node.domain, node.op_type))
             if fn is not None:
-                inner = {formal: bound[actual] for formal, actual in zip(fn.input, node.input) if actual in bound}
+                inner = {
+                    formal: bound[actual]
+                    for formal, actual in zip(fn.input, node.input, strict=False)
+                    if actual in bound
+                }
                 for n in fn.node:
                     if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                         inner[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
