@@ -39,7 +39,7 @@ from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for, model_class
-from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name
+from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name, terminate_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -438,17 +438,18 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     tmp = temp_name(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = temp_name(target, "old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    with terminate_as_interrupt():
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = temp_name(target, "old")
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 @contextlib.contextmanager
@@ -462,12 +463,13 @@ def atomic_file(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target)
     tmp = temp_name(target)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
+    with terminate_as_interrupt():
+        try:
+            yield tmp
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, target)
 
 
 def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Path:

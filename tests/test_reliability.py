@@ -4,6 +4,7 @@ whole data file, the report's Pareto front, latency in a fresh interleaved proce
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -140,3 +141,24 @@ def test_job_baselines_fp32_and_ort_dynamic(tiny_dirs, tmp_path):
     lo, hi = dyn["ratio_spread"]
     assert lo <= dyn["latency_ratio"] <= hi
     assert job_baselines(bert, ref, tmp_path / "b", "key1", feeds, spec) == rows  # reused, not re-measured
+
+
+def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path):
+    import signal
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the child: SIGTERM itself in the middle of a checkpoint write
+        code = 1
+        try:
+            with ck.atomic_dir(tmp_path / "out") as tmp:
+                (tmp / "model.safetensors").write_bytes(b"half")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
+    assert list(tmp_path.iterdir()) == []
