@@ -107,7 +107,9 @@ def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Column names and formatted cells: one row per step of every job."""
     rows_in = [r for j in report["jobs"] for r in j["rows"]]
     extra = [k for k in ("top1", "ppl") if any(k in (r.get("fidelity") or {}) for r in rows_in)]
-    cols = ["job", "step", "params", "size", "cos", "cos min", *extra, "ORT ms", "seconds", "peak MB", ""]
+    ratio = any(r.get("latency_ratio") is not None for r in rows_in)
+    cols = ["job", "step", "params", "size", "cos", "cos min", *extra, "ORT ms", *(["vs fp32"] if ratio else []),
+            "seconds", "peak MB", ""]
     cells = []
     for j in report["jobs"]:
         for r in j["rows"]:
@@ -122,6 +124,7 @@ def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 "1 (ref)" if ref else _f(fid.get("cos_worst"), ".4f"),
                 *[("-" if ref else _f(fid.get(k), ".4g")) for k in extra],
                 _f(r.get("latency_ms"), ".2f"),
+                *([_ratio(r)] if ratio else []),
                 _f(r.get("seconds"), ".1f"),
                 _f(r.get("peak_mem_mb"), ".0f"),
                 "cached" if r.get("cached") else "",
@@ -133,13 +136,23 @@ def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return cols, cells
 
 
+def _ratio(row: dict[str, Any]) -> str:
+    """``0.52x (0.50-0.55)``: latency over the job's fp32 graph, interleaved rounds' median and IQR."""
+    r = row.get("latency_ratio")
+    if r is None:
+        return "-"
+    lo, hi = (row.get("ratio_spread") or [r, r])[:2]
+    return f"{r:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     cols, cells = ledger_table(report)
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [f"# squeeze run: {report.get('recipe') or ''}".rstrip(), "",
              "cos / cos min: mean and worst cosine similarity against each job's original model on the "
              "held-apart evaluation data (top1: agreement of the argmax; ppl: perplexity, where the model "
-             "has logits). ORT ms: ONNX Runtime CPU latency, for the steps that exported. "
+             "has logits). ORT ms: ONNX Runtime CPU latency, for the steps that exported; vs fp32: that latency over "
+             "the job's fp32 graph's, timed in alternating rounds in a fresh process (median, interquartile range). "
              "Full numbers: report.json.", "",
              "| " + " | ".join(c or "note" for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
@@ -177,7 +190,14 @@ def _baselines(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if first and first["pass"] == "export" and first.get("latency_ms"):
             cos = (first.get("fidelity") or {}).get("cos_mean", 1.0)
             out.append((f"fp32 ONNX ({job['job']})", {**first, "cos": cos}))
-    for name, row in (report.get("baselines") or {}).items():
+    measured = dict(report.get("baselines") or {})
+    for job in report["jobs"]:  # an export step records its job's baselines (compress/baselines.py)
+        for r in job["rows"]:
+            for name, row in (r.get("baselines") or {}).items():
+                key = name if len(report["jobs"]) == 1 else f"{name} ({job['job']})"
+                if not any(isinstance(v, dict) and v.get("bytes") == row.get("bytes") for v in measured.values()):
+                    measured[key] = row
+    for name, row in measured.items():
         if isinstance(row, dict):
             out.append((name, {**row, "cos": (row.get("fidelity") or {}).get("cos_mean", row.get("cos_mean"))}))
     return out
@@ -193,7 +213,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(13, 5))
-    panels = ((ax_lat, "latency_ms", 1.0), (ax_size, "bytes", 1 / 2**20))
+    rows = [r for j in report["jobs"] for r in j["rows"]]
+    lat_key = "latency_ratio" if any(r.get("latency_ratio") is not None for r in rows) else "latency_ms"
+    panels = ((ax_lat, lat_key, 1.0), (ax_size, "bytes", 1 / 2**20))
     for ax, key, scale in panels:
         pts: list[tuple[float, float, str]] = []
         for n, job in enumerate(report["jobs"]):
@@ -202,12 +224,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 cos = 1.0 if r["step"] == 0 else (r.get("fidelity") or {}).get("cos_mean")
                 if cos is not None and r.get(key):
                     series.append((r[key] * scale, cos, f"{job['job']}: {r['step']} {r['pass']}"))
+                    if key == "latency_ratio" and r.get("ratio_spread"):  # the spread of the interleaved rounds
+                        lo, hi = r["ratio_spread"]
+                        ax.errorbar(r[key], cos, xerr=[[r[key] - lo], [hi - r[key]]], color=f"C{n % 10}", lw=1)
             if series:
                 ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-o", color=f"C{n % 10}", alpha=0.7,
                         markersize=5, label=job["job"])
                 pts += series
         for name, row in _baselines(report):
             if row.get(key) and row.get("cos") is not None:
+                if key == "latency_ratio" and row.get("ratio_spread"):
+                    lo, hi = row["ratio_spread"]
+                    ax.errorbar(row[key], row["cos"], xerr=[[row[key] - lo], [hi - row[key]]], color="black", lw=1)
                 ax.plot(row[key] * scale, row["cos"], "*", color="black", markersize=13, zorder=5)
                 ax.annotate(name, (row[key] * scale, row["cos"]), textcoords="offset points", xytext=(6, -12),
                             fontsize=8)
@@ -222,8 +250,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.text(0.5, 0.5, "no step exported" if key == "latency_ms" else "no sizes", ha="center", va="center",
                     transform=ax.transAxes)
         ax.grid(alpha=0.3)
-    ax_lat.set(xlabel="ONNX Runtime latency (ms, lower is better)", ylabel="cosine vs original (mean, higher is better)",
-               title="fidelity vs latency")
+    xlabel = ("latency / the fp32 graph's (interleaved rounds: median, bars IQR; lower is better)"
+              if lat_key == "latency_ratio" else "ONNX Runtime latency (ms, lower is better)")
+    ax_lat.set(xlabel=xlabel, ylabel="cosine vs original (mean, higher is better)", title="fidelity vs latency")
     ax_size.set(xlabel="size on disk (MB, lower is better)", title="fidelity vs size")
     handles, labels = ax_size.get_legend_handles_labels()
     if not handles:

@@ -162,3 +162,19 @@ def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ledger_and_plot_use_the_latency_ratio(tmp_path):
+    base = {"fp32 ONNX": {"bytes": 90e6, "latency_ms": 8.0, "latency_ratio": 1.0, "fidelity": {"cos_mean": 1.0}},
+            "ORT dynamic int8": {"bytes": 23e6, "latency_ms": 4.4, "latency_ratio": 0.55, "ratio_spread": [0.5, 0.6],
+                                 "fidelity": {"cos_mean": 0.985}}}
+    rows = [{"step": 0, "pass": "original", "params": 10, "bytes": 90e6, "fidelity": {}},
+            {"step": 1, "pass": "quantize", "params": 10, "bytes": 25e6, "fidelity": {"cos_mean": 0.99}},
+            {"step": 2, "pass": "export", "params": 10, "bytes": 25e6, "latency_ms": 4.0, "latency_ratio": 0.5,
+             "ratio_spread": [0.45, 0.55], "fidelity": {"cos_mean": 0.99}, "baselines": base}]
+    data = {"format": 1, "jobs": [{"job": "int8", "status": "ok", "rows": rows}]}
+    cols, cells = report.ledger_table(data)
+    assert cells[2][cols.index("vs fp32")] == "0.50x (0.45-0.55)" and cells[0][cols.index("vs fp32")] == "-"
+    assert [n for n, _ in report._baselines(data)] == ["fp32 (original)", "fp32 ONNX", "ORT dynamic int8"]
+    report.plot(data, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
