@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from squeeze.cli.common import ForceOpt, JsonOpt, TrustPickleOpt, console, data_spec, fmt_bytes, fmt_num, print_json
-from squeeze.compress.checkpoint import load
+from squeeze.compress.run import load
 from squeeze.compress.errors import SqueezeError, ValidationFailed
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, read_onnx, tensorrt_readiness
 from squeeze.compress.export_folder import export_model
@@ -110,10 +110,11 @@ def evaluate(
 ) -> None:
     """Fidelity of a checkpoint or ONNX graph against a reference on held-apart data."""
     from squeeze.compress.evaluate import evaluate_against
+    from squeeze.compress.run import load as load_model
 
     reference = load(ref, trust_pickle=trust_pickle)
     spec = data_spec(data, samples, seq_len, eval_samples=samples)
-    result = evaluate_against(model, reference, spec, trust_pickle=trust_pickle)
+    result = evaluate_against(model, reference, spec, load=lambda r: load_model(r, trust_pickle=trust_pickle))
     if as_json:
         print_json(result)
         return

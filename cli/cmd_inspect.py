@@ -6,7 +6,8 @@ import typer
 from rich.table import Table
 
 from squeeze.cli.common import JsonOpt, TrustPickleOpt, console, fmt_bytes, print_json
-from squeeze.compress.checkpoint import describe, load
+from squeeze.compress.checkpoint import describe
+from squeeze.compress.run import load
 
 
 def inspect(

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import typer
 
-from squeeze.cli.common import (ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, print_json,
-                                progress, report_table)
+from squeeze.cli.common import (ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, pass_config,
+                                print_json, progress, report_table)
 from squeeze.compress.errors import SqueezeError
+from squeeze.compress.passes.logit_merge import MergeConfig
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -40,23 +41,15 @@ def merge(
     as_json: bool = JsonOpt,
 ) -> None:
     """Merge models by averaging their logits (Growing Transformers): no router, no new weights."""
-    from squeeze.compress.checkpoint import load, save
-    from squeeze.compress.passes import PassContext, get_pass, run_pass
-    from squeeze.compress.passes.merge_compat import check_compatible
+    from squeeze.compress.run import apply
 
     if len(models) < 2:
         raise SqueezeError(f"merge needs at least two models, got {len(models)}")
     parsed = parse_weights(weights, len(models))
-    if output.exists() and not force:  # fail before loading anything
-        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
-    ckpts = [load(m, trust_pickle=trust_pickle) for m in models]
-    check_compatible(ckpts)  # refuse a mismatch before spending time on the fidelity report
-    pass_cls = get_pass("merge")
-    pass_ = pass_cls(pass_cls.Config(with_=list(models[1:]), weights=parsed))
+    cfg = pass_config(MergeConfig, "merge", others=list(models[1:]), weights=parsed)
     with progress() as bar:
-        ctx = PassContext(family=ckpts[0].family, calibration=data_spec(data, 128, seq_len), progress=bar)
-        merged = run_pass(pass_, ckpts, ctx)
-    save(merged, output, force=force)
+        merged = apply(models[0], cfg, data=data_spec(data, 128, seq_len), out=output, force=force,
+                       trust_pickle=trust_pickle, progress=bar)
     report = merged.manifest.ledger[-1]
     if as_json:
         print_json(report)

@@ -98,35 +98,23 @@ def prune(
     )
     if output is None and not dry_run:
         raise SqueezeError("-o/--output is required (or pass --dry-run to see the scores only)")
-    if output is not None and output.exists() and not force and not dry_run:
-        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     spec = data_spec(calib, samples, seq_len)
 
-    from squeeze.compress.checkpoint import load, save
-    from squeeze.compress.passes import PassContext, run_pass
-    from squeeze.compress.passes.drop import PrunePass
+    from squeeze.compress.run import apply
 
-    source = load(ckpt, trust_pickle=trust_pickle)
-    pass_ = PrunePass(cfg)
     with progress() as bar:
-        ctx = PassContext(family=source.family, checkpoint=source, calibration=spec, progress=bar)
-        if dry_run:  # run_pass's own checks, then scores only
-            if getattr(source.model, "is_merged", False):
-                raise SqueezeError("prune cannot run on a merged model; prune the experts first, then merge")
-            pass_.check(source.family, [source.model])
-            result = pass_.plan(source.model, ctx).result()
-            report = None
-        else:
-            new = run_pass(pass_, [source], ctx)
-            result, report = new.manifest.edits[-1]["result"], new.manifest.ledger[-1]
-    if not dry_run:
-        save(new, output, force=force)
+        done = apply(ckpt, cfg, data=spec, out=output, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
+                     progress=bar)
+    if dry_run:
+        result, report, warnings = done.result or {}, None, done.warnings
+    else:
+        result, report, warnings = done.manifest.edits[-1]["result"], done.manifest.ledger[-1], []
     if as_json:
         print_json({"result": result, "report": report, "output": str(output) if not dry_run else None})
         return
     console.print(scores_table(result))
     if report is None:  # dry run: no ledger row carries the warnings
-        for w in ctx.warnings:
+        for w in warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
         return
     console.print(report_table(report))

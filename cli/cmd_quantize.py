@@ -44,22 +44,12 @@ def quantize(
     """Quantize weights (and activations) post-training; writes integer weights + scales."""
     cfg = _config(weights=weights, activations=activations, method=method, gptq=gptq, block_size=block_size,
                   embeddings=embeddings, clip_steps=clip_steps)
-    if output.exists() and not force:
-        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     spec = data_spec(calib, samples, seq_len)
 
-    from squeeze.compress.checkpoint import load, save
-    from squeeze.compress.passes import PassContext, run_pass
-    from squeeze.compress.passes.quantize import QuantizePass
+    from squeeze.compress.run import apply
 
-    model = load(ckpt, trust_pickle=trust_pickle)
-    pass_ = QuantizePass(cfg)
-    pass_.check(model.family, [model.model])
     with progress() as bar:
-        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
-        pass_.check_data(ctx)  # before the reference outputs are computed
-        new = run_pass(pass_, [model], ctx)
-    save(new, output, force=force)
+        new = apply(ckpt, cfg, data=spec, out=output, force=force, trust_pickle=trust_pickle, progress=bar)
     report = new.manifest.ledger[-1]
     if as_json:
         print_json({"report": report, "output": str(output)})

@@ -21,7 +21,7 @@ import logging
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import image_size
-
-if TYPE_CHECKING:
-    from squeeze.compress.checkpoint import Checkpoint
+from squeeze.compress.families import Family, image_size
 
 log = logging.getLogger(__name__)
 
@@ -126,31 +123,58 @@ def read_text_source(path: Path, split: str, n_eval: int) -> tuple[list[str], li
     return [texts[i] for i in idx], ([labels[i] for i in idx] if labels else None)
 
 
+class Target(NamedTuple):
+    """What batches are built for: the family, the model config, the tokenizer (text), a name."""
+
+    family: Family
+    config: Any
+    tokenizer: Any = None
+    name: str | None = None
+
+
+def make_batches(
+    family: Family,
+    config: Any,
+    tokenizer: Any,
+    spec: DataSpec,
+    *,
+    split: Literal["calib", "eval", "all"] = "calib",
+    warn: Callable[[str], None] = log.warning,
+    name: str | None = None,
+) -> list[Batch]:
+    """Batches of model inputs (plus ``labels`` where known) for a model of ``family`` with
+    ``config``; text is tokenized with ``tokenizer`` (None: synthetic ids, warned about)."""
+    target = Target(family, config, tokenizer, name)
+    if family.modality == "vision":
+        return _image_batches(target, spec, split, warn)
+    return _text_batches(target, spec, split, warn)
+
+
 def batches(
-    ckpt: "Checkpoint | None",
+    ckpt: Any,
     spec: DataSpec,
     *,
     split: Literal["calib", "eval", "all"] = "calib",
     warn: Callable[[str], None] = log.warning,
 ) -> list[Batch]:
-    """Batches of model inputs (plus ``labels`` where known) for a checkpoint's family."""
+    """:func:`make_batches` for a checkpoint (anything with ``family``, ``model.config``,
+    ``tokenizer()`` and ``source``)."""
     if ckpt is None:
         raise SqueezeError("calibration data needs a model to tokenize for")
-    if ckpt.family.modality == "vision":
-        return _image_batches(ckpt, spec, split, warn)
-    return _text_batches(ckpt, spec, split, warn)
+    tok = ckpt.tokenizer() if ckpt.family.modality == "text" else None
+    return make_batches(ckpt.family, ckpt.model.config, tok, spec, split=split, warn=warn, name=str(ckpt.source))
 
 
 # ----------------------------------------------------------------- text
 
 
 def _text_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
-    tok = ckpt.tokenizer()
+    tok = ckpt.tokenizer
     fam = ckpt.family
     labels = None
     if spec.source == "synthetic" or tok is None:
         if tok is None and spec.source != "synthetic":
-            warn(f"{ckpt.source}: no tokenizer, using synthetic token ids for {split} data")
+            warn(f"{ckpt.name}: no tokenizer, using synthetic token ids for {split} data")
         else:
             warn("synthetic calibration data: fidelity numbers say little about real inputs")
         return _synthetic_text(ckpt, spec, split)
@@ -196,7 +220,7 @@ def _packed(tok, texts: list[str], spec: DataSpec, split: str, warn) -> list[Bat
 
 
 def _synthetic_text(ckpt, spec: DataSpec, split: str) -> list[Batch]:
-    cfg = ckpt.model.config
+    cfg = ckpt.config
     g = torch.Generator().manual_seed(spec.seed + (0 if split == "calib" else 1))
     seq = min(spec.seq_len, int(getattr(cfg, "max_position_embeddings", spec.seq_len) or spec.seq_len))
     out = []
@@ -214,7 +238,7 @@ def _synthetic_text(ckpt, spec: DataSpec, split: str) -> list[Batch]:
 
 
 def _image_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
-    cfg = ckpt.model.config
+    cfg = ckpt.config
     size, channels = image_size(cfg), int(cfg.num_channels)
     labels = None
     if spec.source in ("synthetic", "builtin"):

@@ -31,7 +31,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +42,9 @@ from squeeze.compress.families import Family, build_from_config, family_for, mod
 from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name, terminate_as_interrupt
 
 log = logging.getLogger(__name__)
+
+#: re-creates one manifest edit's structural change: (model, raw edit dict, family) -> model
+Replay = Callable[[nn.Module, dict, Family], nn.Module]
 
 MANIFEST = "squeeze.json"
 WEIGHTS = "model.safetensors"
@@ -59,7 +62,7 @@ MAX_BASE_BYTES_PER_DISK_BYTE = 64
 
 
 def squeeze_version() -> str:
-    from squeeze.compress import __version__
+    from squeeze.compress.version import __version__
 
     return __version__
 
@@ -276,15 +279,23 @@ def check_size(family: Family, config, files: list[Path], where: str) -> None:
                            f"{disk / 2**20:.1f} MB; the config does not belong to these weights")
 
 
-def load(ref: str | os.PathLike, *, trust_pickle: bool = False) -> Checkpoint:
-    """Load a checkpoint (Hugging Face folder, ``pkg:`` reference or squeeze folder)."""
+def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay | None = None) -> Checkpoint:
+    """Load a checkpoint (Hugging Face folder, ``pkg:`` reference or squeeze folder).
+
+    A squeeze folder's edits are replayed by ``replay(model, raw_edit, family) -> model``
+    (``passes.replay_edit``; ``squeeze.compress.load`` = ``run.load`` passes it, so this module
+    never imports a pass). Without it, the one late-bound import below finds it (kept for callers
+    of ``checkpoint.load``; tests/test_imports.py lists it).
+    """
     folder = resolve(ref)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise SqueezeError(f"{folder}: no config.json, not a Hugging Face model folder")
     side_files(folder, _NOT_COPIED_NAMES, _NOT_COPIED_SUFFIXES, _skip_side_dir)  # links checked before any work
     if (folder / MANIFEST).exists():
-        return _load_squeeze(folder)
+        if replay is None:
+            from squeeze.compress.passes import replay_edit as replay
+        return _load_squeeze(folder, replay)
     config_dict = _read_json(config_path)
     family = family_for(config_dict.get("model_type"))
     files, is_pickle = weight_files(folder)
@@ -344,10 +355,9 @@ def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors
     return model
 
 
-def _load_squeeze(folder: Path) -> Checkpoint:
-    from transformers import AutoConfig
 
-    from squeeze.compress.passes import Edit, get_pass
+def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
+    from transformers import AutoConfig
 
     try:
         manifest = Manifest.model_validate(_read_json(folder / MANIFEST))
@@ -376,9 +386,7 @@ def _load_squeeze(folder: Path) -> Checkpoint:
     for n, raw in enumerate(manifest.edits):
         pass_name = raw.get("pass_name", raw.get("pass")) if isinstance(raw, dict) else None
         try:
-            edit = Edit.model_validate(raw)
-            pass_cls = get_pass(edit.pass_name)
-            model = pass_cls(pass_cls.Config(**edit.config)).restructure(model, edit, family)
+            model = replay(model, raw, family)
         except SqueezeError as exc:
             raise SqueezeError(f"{where}: edit {n} ({pass_name}): {exc}") from None
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
@@ -526,7 +534,7 @@ def _skip_side_dir(folder: Path) -> bool:
 
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
     """Facts about a checkpoint for ``squeeze inspect``."""
-    from squeeze.compress.passes.base import count_params, model_bytes
+    from squeeze.compress.evaluate import count_params, model_bytes
 
     cfg = ckpt.model.config
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in ckpt.model.state_dict().values()})

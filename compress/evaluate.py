@@ -16,25 +16,46 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeeze.compress.calibration import Batch, model_inputs
+from squeeze.compress.calibration import Batch
 from squeeze.compress.families import Family
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, tied ones counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the state dict occupies (tied tensors counted once): what a save writes."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
 
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, family: Family, batch: Batch) -> dict[str, torch.Tensor]:
     """The outputs squeeze compares and exports: ``logits`` when the model has a head, else
     ``last_hidden_state``."""
-    kwargs: dict[str, Any] = dict(model_inputs(batch))
-    if family.causal:
-        kwargs["use_cache"] = False
-    out = model(**kwargs, return_dict=True)
+    out = family.forward(model, batch)
     logits = getattr(out, "logits", None)
     if logits is not None:
         return {"logits": logits}
@@ -235,10 +256,10 @@ class _OrtModel:
         return {self.output: torch.from_numpy(out).float()}
 
 
-def evaluate_against(model_ref: str, reference, spec, *, trust_pickle: bool = False) -> dict[str, float]:
-    """Fidelity of a checkpoint folder or an ``.onnx`` graph against a reference checkpoint."""
+def evaluate_against(model_ref: str, reference, spec, *, load: Callable[[str], Any]) -> dict[str, float]:
+    """Fidelity of a checkpoint folder (read with ``load``, e.g. ``run.load``) or an ``.onnx`` graph
+    against a reference checkpoint."""
     from squeeze.compress.calibration import batches
-    from squeeze.compress.checkpoint import load
     from squeeze.compress.errors import SqueezeError
 
     path = Path(model_ref)
@@ -253,7 +274,7 @@ def evaluate_against(model_ref: str, reference, spec, *, trust_pickle: bool = Fa
         except Exception as exc:  # ORT's own exception types
             raise SqueezeError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     else:
-        other = load(model_ref, trust_pickle=trust_pickle)
+        other = load(model_ref)
         if other.family.name != reference.family.name:
             raise SqueezeError(f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model")
     # A data file given to eval is all evaluation data (it used to keep only its last quarter: 10 of

@@ -36,8 +36,7 @@ from squeeze.compress.checkpoint import Checkpoint
 from squeeze.compress.errors import SqueezeError, ValidationFailed
 from squeeze.compress.evaluate import model_outputs, ort_latency_ms, ort_session
 from squeeze.compress.paths import check_output, sweep_stale, temp_name
-from squeeze.compress.quant.onnx_check import check as quant_check
-from squeeze.compress.quant.onnx_check import validation_rule
+from squeeze.compress.passes import export_rule
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +246,8 @@ def export_onnx(
         report["inputs"] = graph_inputs
         # Elementwise tolerances do not suit a quantized graph (one rounding flip cascades, see
         # compress/quant/onnx_check.py): it is checked by cosine and relative max error instead.
-        rule = validation_rule(ckpt.manifest)
+        own_rule = export_rule(ckpt.manifest.edits)  # asked from the passes that made the model
+        rule = own_rule.model_dump() if own_rule is not None else None
         report["rule"] = rule or {"atol": atol, "rtol": rtol}
         checks = []
         ort_outputs = []
@@ -259,7 +259,7 @@ def export_onnx(
             shape = "x".join(str(d) for d in inp[names[0]].shape)
             check = {**compare(output, got, want, atol, rtol), "shape": shape}
             if rule is not None and "error" not in check:  # a quantized graph: judged by its rule, stats kept
-                verdict = quant_check(got, want, rule)
+                verdict = own_rule.check(got, want)
                 check.update(ok=verdict["ok"], max_abs_ratio=verdict["max_abs_ratio"], rule=rule)
             checks.append(check)
         report["validation"] = checks

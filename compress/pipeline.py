@@ -44,12 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from squeeze.compress.calibration import DataSpec
-from squeeze.compress.checkpoint import Checkpoint, atomic_dir, load, resolve, squeeze_version, weight_files
+from squeeze.compress.checkpoint import Checkpoint, atomic_dir, resolve, squeeze_version, weight_files
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes import PassConfig
 from squeeze.compress.pipeline_steps import (ONNX_NAME, ORIGINAL_FILE, STEP_FILE, JobState, export_step, pass_step,
                                              read_step, write_json)
 from squeeze.compress.recipe import EXPORT, JobBase, Recipe, model_refs
+from squeeze.compress.run import load
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,7 @@ def step_key(input_key: str, name: str, config: PassConfig, job: JobBase) -> str
     cfg = config.model_dump(mode="json", by_alias=True)
     refs = model_refs(config)
     if refs:  # the other models count by content, not by where they lie
-        cfg.pop("with", None)
-        cfg.pop("with_", None)
+        cfg.pop("others", None)
     payload = {"input": input_key, "pass": name, "config": cfg, "with": [content_hash(r) for r in refs],
                "data": data_spec(job).fingerprint(), "seed": job.seed, "squeeze": squeeze_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]

@@ -1,6 +1,6 @@
 """One step of a recipe job, run and measured (the loop, the cache and the plan: pipeline.py).
 
-``pass_step`` runs a registered pass with ``run_pass``, saves the result, reloads it from its
+``pass_step`` runs a registered pass through ``run.apply`` (which saves it), reloads it from its
 folder (what the next step reads, also in an uninterrupted run) and measures its fidelity
 against the job's original model. ``export_step`` exports with ``export_onnx`` into the step's
 folder, then runs the graph with ONNX Runtime on the job's evaluation data (fidelity against the
@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from squeeze.compress.calibration import Batch, DataSpec, batches
-from squeeze.compress.checkpoint import Checkpoint, atomic_dir, atomic_file, load, resolve, save, weight_files
+from squeeze.compress.checkpoint import Checkpoint, atomic_dir, atomic_file, resolve, weight_files
 from squeeze.compress.errors import ValidationFailed
-from squeeze.compress.evaluate import PeakMemory, Reference, compare_outputs, reference_outputs
-from squeeze.compress.passes import PassContext, get_pass, run_pass
-from squeeze.compress.passes.base import count_params
+from squeeze.compress.evaluate import PeakMemory, Reference, compare_outputs, count_params, reference_outputs
 from squeeze.compress.recipe import EXPORT, model_refs
+from squeeze.compress.run import apply, load
 
 if TYPE_CHECKING:
     from squeeze.compress.pipeline import JobPlan, Reporter, StepPlan
@@ -91,17 +90,13 @@ class JobState:
 def pass_step(inp: Checkpoint, step: StepPlan, state: JobState) -> tuple[dict[str, Any], Checkpoint]:
     """Run a registered pass; return its ledger row and the result as reloaded from its folder."""
     job = state.job
-    pass_cls = get_pass(step.name)
-    extra = [load(r, trust_pickle=job.trust_pickle) for r in model_refs(step.config)]
-    ctx = PassContext(family=inp.family, calibration=state.spec, seed=job.seed, progress=state.rep.progress)
-    ctx.workdir = step.folder.with_name(step.folder.name + ".train")  # training passes resume from here
-    torch.manual_seed(job.seed)
-    new = run_pass(pass_cls(step.config), [inp, *extra], ctx)
+    new = apply(inp, step.config, others=model_refs(step.config), data=state.spec, out=step.folder, force=True,
+                trust_pickle=job.trust_pickle, seed=job.seed, progress=state.rep.progress,
+                workdir=step.folder.with_name(step.folder.name + ".train"))  # training passes resume from here
     ledger = dict(new.manifest.ledger[-1])
-    save(new, step.folder, force=True)
     # save() copies the input folder's side files, the previous step's mark among them
     (step.folder / STEP_FILE).unlink(missing_ok=True)
-    del new, extra
+    del new
     result = load(step.folder)  # what the next step reads, also in an uninterrupted run
     row = {
         "config": step.config.model_dump(mode="json", by_alias=True),

@@ -58,7 +58,7 @@ from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, OPSETS
 from squeeze.compress.passes import REGISTRY, PassConfig
-from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose
+from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose, has_path
 
 EXPORT = "export"
 Scalar = Union[bool, int, float, str]
@@ -372,7 +372,7 @@ def _resolve_paths(job: JobBase, base_dir: Path | None) -> JobBase:
     for step in job.steps:
         refs = model_refs(step.config)
         if refs:
-            cfg = step.config.model_copy(update={"with_": [_local(r, base_dir) for r in refs]})
+            cfg = step.config.model_copy(update={"others": [_local(r, base_dir) for r in refs]})
             step = step.model_copy(update={step.pass_name: cfg})
         steps.append(step)
     update["steps"] = steps
@@ -380,8 +380,8 @@ def _resolve_paths(job: JobBase, base_dir: Path | None) -> JobBase:
 
 
 def model_refs(config: PassConfig) -> list[str]:
-    """Extra model references of a multi-model pass (its ``with`` field)."""
-    refs = getattr(config, "with_", None)
+    """Extra model references of a multi-model pass (its ``others`` field, ``MultiModelConfig``)."""
+    refs = getattr(config, "others", None)
     return [str(r) for r in refs] if isinstance(refs, (list, tuple)) else []
 
 
@@ -402,10 +402,11 @@ def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_ref
                        f"{name} needs calibration data: add `calibration: {{source: builtin}}` (or a file) to the job or to defaults",
                        point)
         if check_refs:
+            key = "with" if has_path(src.job, ("steps", i, name, "with")) else "others"  # as the user wrote it
             for j, ref in enumerate(model_refs(step.config)):
                 problem = _missing(ref)
                 if problem:
-                    errors.add(src.loc(("steps", i, name, "with", j)), problem, point)
+                    errors.add(src.loc(("steps", i, name, key, j)), problem, point)
     if check_refs:
         problem = _missing(job.model)
         if problem:

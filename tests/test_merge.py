@@ -256,7 +256,7 @@ def test_refusals_name_the_mismatch_and_write_nothing(experts, tiny_dirs, tmp_pa
 
 def test_config_recipe_form_and_validation():
     cfg = MergeConfig.model_validate({"with": ["b", "c"], "weights": [0.5, 0.25, 0.25]})
-    assert cfg.with_ == ["b", "c"]
+    assert cfg.others == ["b", "c"]  # the recipe's old key "with" reads as MultiModelConfig.others
     assert MergeConfig(**cfg.model_dump(mode="json")) == cfg  # what checkpoint.load replays
     assert MergeConfig.model_validate({"with": ["b"]}).weights is None
     for bad in ({"with": ["b"], "weights": [1, 1, 1]}, {"weights": [1, -1]}, {"weights": [0, 0]},

@@ -22,16 +22,16 @@ Passes never print: they log, and report progress through ``ctx.progress``; only
 from __future__ import annotations
 
 import logging
-import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import nn
 
-from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 
 if TYPE_CHECKING:
@@ -83,7 +83,18 @@ class ExportRule(BaseModel):
     min_cosine: float
     max_abs_ratio: float
 
-    def loosest(self, other: "ExportRule | None") -> "ExportRule":
+    def check(self, ort_out: Any, twin_out: Any) -> dict[str, Any]:
+        """Judge one output pair (numpy arrays): cosine, relative max error, and whether both pass."""
+        import numpy as np
+
+        a = np.asarray(ort_out).reshape(-1).astype(np.float64)
+        b = np.asarray(twin_out).reshape(-1).astype(np.float64)
+        cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+        ratio = float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
+        ok = bool(np.isfinite(a).all() and cos >= self.min_cosine and ratio <= self.max_abs_ratio)
+        return {"cosine": cos, "max_abs_ratio": ratio, "ok": ok}
+
+    def loosest(self, other: ExportRule | None) -> ExportRule:
         if other is None:
             return self
         return ExportRule(
@@ -92,7 +103,7 @@ class ExportRule(BaseModel):
         )
 
 
-def result_dump(result: "PassResult | dict[str, Any]") -> dict[str, Any]:
+def result_dump(result: PassResult | dict[str, Any]) -> dict[str, Any]:
     """``ctx.result`` as the JSON-able dict the manifest stores."""
     if isinstance(result, BaseModel):
         return result.model_dump(mode="json")
@@ -137,17 +148,19 @@ class PassContext:
     """What a pass may use: family, seeded randomness, data, device, progress, result slots."""
 
     family: Family
-    checkpoint: "Checkpoint | None" = None
-    calibration: "DataSpec | None" = None
+    checkpoint: Checkpoint | None = None
+    calibration: DataSpec | None = None
     seed: int = 0
     device: str = "cpu"
     progress: ProgressFn | None = None
     #: what apply records for the manifest: the pass's Result model or its JSON dump
-    result: "PassResult | dict[str, Any]" = field(default_factory=dict)
+    result: PassResult | dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     #: every input checkpoint, in order (set by run_pass; multi-model passes read side files)
-    inputs: "list[Checkpoint]" = field(default_factory=list)
+    inputs: list[Checkpoint] = field(default_factory=list)
+    #: where a training pass may keep resumable state (set by run.apply; None: nowhere)
+    workdir: Path | None = None
     _calib: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
     _eval: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
@@ -200,8 +213,19 @@ class Pass(ABC):
     def __init__(self, config: PassConfig | None = None, **kwargs: Any):
         self.config = config if config is not None else self.Config(**kwargs)
 
-    def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
+    #: set by ``passes.replay_edit`` before ``restructure``: replays a raw manifest edit, for passes
+    #: whose result records other models with their own edits (merge)
+    replay: Callable[[nn.Module, dict, Family], nn.Module] | None = None
+
+    def check(self, family: Family, models: list[nn.Module] | None = None) -> None:  # noqa: B027
         """Refuse unsupported models before touching anything (raise SqueezeError)."""
+
+    def check_data(self, ctx: PassContext) -> None:  # noqa: B027
+        """Refuse unusable calibration data (``ctx.calibration``) before any work."""
+
+    def preview(self, models: list[nn.Module], ctx: PassContext) -> PassResult | dict[str, Any] | None:
+        """What ``apply`` would decide, without changing anything (``--dry-run``); None: nothing to show."""
+        return None
 
     @abstractmethod
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
@@ -211,12 +235,12 @@ class Pass(ABC):
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
         """Re-create the shapes an ``apply`` produced, from the manifest edit alone."""
 
-    def result_of(self, edit: "Edit | dict[str, Any]") -> PassResult:
+    def result_of(self, edit: Edit | dict[str, Any]) -> PassResult:
         """The typed result of a manifest edit of this pass."""
         raw = edit.result if isinstance(edit, Edit) else dict(edit.get("result") or {})
         return self.Result.model_validate(raw)
 
-    def summary(self, result: "PassResult | dict[str, Any]") -> list[str]:
+    def summary(self, result: PassResult | dict[str, Any]) -> list[str]:
         """Lines the CLI prints after a run (the Result's own ``summary()`` by default)."""
         if not isinstance(result, PassResult):
             result = self.Result.model_validate(result)
@@ -226,82 +250,3 @@ class Pass(ABC):
         """How to validate an exported graph of a model that carries ``edit`` (None: the
         ordinary elementwise tolerances)."""
         return None
-
-
-def count_params(model: nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes the state dict occupies (tied tensors counted once): what a save writes."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for t in model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
-
-
-def run_pass(
-    pass_: Pass,
-    inputs: list["Checkpoint"],
-    ctx: PassContext,
-    *,
-    measure_fidelity: bool = True,
-) -> "Checkpoint":
-    """Run one pass on checkpoints; return the new checkpoint with its edit and ledger row.
-
-    The fidelity is measured against the first input on held-apart evaluation data.
-    """
-    from squeeze.compress.checkpoint import Checkpoint
-    from squeeze.compress.evaluate import PeakMemory, compare_outputs, reference_outputs
-
-    first = inputs[0]
-    ctx.checkpoint = first
-    ctx.inputs = list(inputs)
-    if getattr(first.model, "is_merged", False) and not pass_.multi_model:
-        raise SqueezeError(
-            f"{pass_.name} cannot run on a merged model (it would change only the first expert); "
-            "compress the experts first, then merge"
-        )
-    pass_.check(first.family, [c.model for c in inputs])
-    params_before, bytes_before = count_params(first.model), model_bytes(first.model)
-    ref = reference_outputs(first.model, first.family, ctx.eval_batches()) if measure_fidelity else None
-
-    start = time.perf_counter()
-    with PeakMemory() as mem:
-        model = pass_.apply([c.model for c in inputs], ctx)
-    seconds = time.perf_counter() - start
-    model.eval()
-
-    fidelity: dict[str, float] = {}
-    if ref is not None:
-        fidelity = compare_outputs(ref, reference_outputs(model, first.family, ctx.eval_batches()))
-
-    config = pass_.config.model_dump(mode="json")
-    report = PassReport(
-        name=pass_.name,
-        config=config,
-        params_before=params_before,
-        params_after=count_params(model),
-        bytes_before=bytes_before,
-        bytes_after=model_bytes(model),
-        fidelity=fidelity,
-        seconds=round(seconds, 3),
-        peak_mem_mb=round(mem.peak_mb, 1),
-        warnings=list(ctx.warnings),
-        metrics=dict(ctx.metrics),
-    )
-    manifest = first.manifest.with_edit(
-        Edit(pass_name=pass_.name, config=config, result=result_dump(ctx.result)), report.to_dict()
-    )
-    return Checkpoint(model=model, family=first.family, manifest=manifest, source=first.source)

@@ -353,8 +353,12 @@ class PrunePass(Pass):
             family.compact_kv_cache(model)
         return model
 
+    def preview(self, models: list[nn.Module], ctx: PassContext) -> dict[str, Any]:
+        """The scores and what would be dropped (``--dry-run``); the model is not changed."""
+        return self.plan(models[0], ctx).result()
+
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
-        model = copy.deepcopy(models[0]).eval()  # the input checkpoint stays untouched
+        model = models[0].eval()  # run_pass hands the pass a copy: the input checkpoint stays untouched
         plan = self.plan(model, ctx, inplace=True)
         self.apply_plan(model, plan, ctx.family)
         ctx.result.update(plan.result())

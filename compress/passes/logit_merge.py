@@ -30,16 +30,16 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.utils import ModelOutput
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for
-from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
+from squeeze.compress.passes.base import Edit, MultiModelConfig, Pass, PassConfig, PassContext
 from squeeze.compress.passes.merge_compat import check_compatible, check_models, embeddings_identical
 
 log = logging.getLogger(__name__)
@@ -233,11 +233,10 @@ def _expert_record(model: nn.Module, ckpt) -> dict[str, Any]:
     return record
 
 
-def build_expert(record: dict[str, Any]) -> nn.Module:
-    """An expert's architecture from its record: base config, then its own edits replayed."""
+def build_expert(record: dict[str, Any], replay: Callable[[nn.Module, dict, Family], nn.Module] | None = None) -> nn.Module:
+    """An expert's architecture from its record: base config, then its own edits replayed (with
+    ``replay``, ``passes.replay_edit``, which hands itself to the pass as ``Pass.replay``)."""
     from transformers import AutoConfig
-
-    from squeeze.compress.passes import get_pass
 
     family = family_for(record["model_type"])
     cfg = dict(record["config"])
@@ -245,10 +244,11 @@ def build_expert(record: dict[str, Any]) -> nn.Module:
     config = AutoConfig.for_model(record["model_type"], **cfg)
     config.architectures = [record["architecture"]]
     model = build_from_config(family, config)
-    for raw in record.get("edits", []):
-        edit = Edit.model_validate(raw)
-        pass_cls = get_pass(edit.pass_name)
-        model = pass_cls(pass_cls.Config(**edit.config)).restructure(model, edit, family)
+    edits = record.get("edits", [])
+    if edits and replay is None:
+        raise SqueezeError("an expert with its own edits needs the manifest replay (load through squeeze.compress.load)")
+    for raw in edits:
+        model = replay(model, raw, family)
     return model.eval()
 
 
@@ -257,18 +257,14 @@ def build_expert(record: dict[str, Any]) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
-class MergeConfig(PassConfig):
-    """``merge``: average the logits of this model and the ``with`` models.
+class MergeConfig(MultiModelConfig):
+    """``merge``: average the logits of this model and the ``others``.
 
-    Recipe form: ``- merge: {with: [B, C], weights: [0.5, 0.25, 0.25]}``; the recipe engine
-    loads each ``with`` reference with ``checkpoint.load`` and passes the checkpoints after the
-    job's model, in order.
+    Recipe form: ``- merge: {others: [B, C], weights: [0.5, 0.25, 0.25]}`` (``with:`` is still
+    read); ``run.apply`` loads each reference and passes the checkpoints after the job's model,
+    in order.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    with_: list[str] = Field(default_factory=list, alias="with",
-                             description="the other experts (model references), in order")
     weights: list[float] | None = Field(
         None, description="one weight per expert, this model first (default: equal); normalised to sum 1"
     )
@@ -288,9 +284,9 @@ class MergeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check_counts(self) -> "MergeConfig":
-        if self.with_ and self.weights is not None and len(self.weights) != len(self.with_) + 1:
+        if self.others and self.weights is not None and len(self.weights) != len(self.others) + 1:
             raise ValueError(
-                f"{len(self.weights)} weights for {len(self.with_) + 1} experts (this model and {len(self.with_)} 'with')"
+                f"{len(self.weights)} weights for {len(self.others) + 1} experts (this model and {len(self.others)} others)"
             )
         return self
 
@@ -301,11 +297,12 @@ class LogitMerge(Pass):
     name: ClassVar[str] = "merge"
     Config: ClassVar[type[PassConfig]] = MergeConfig
     multi_model: ClassVar[bool] = True
+    wraps_models: ClassVar[bool] = True
 
     def _weights(self, n: int) -> list[float]:
         cfg: MergeConfig = self.config  # type: ignore[assignment]
-        if cfg.with_ and len(cfg.with_) + 1 != n:
-            raise SqueezeError(f"merge: {len(cfg.with_)} 'with' models configured but {n - 1} given")
+        if cfg.others and len(cfg.others) + 1 != n:
+            raise SqueezeError(f"merge: {len(cfg.others)} other models configured but {n - 1} given")
         if cfg.weights is None:
             return [1.0 / n] * n
         if len(cfg.weights) != n:
@@ -317,11 +314,18 @@ class LogitMerge(Pass):
         self._weights(len(models))
         check_models(models)
 
+    def check_data(self, ctx: PassContext) -> None:
+        """With the checkpoints at hand (``ctx.inputs``): tokenizers / processors too, once, before any work."""
+        self._compat = check_compatible(ctx.inputs, warn=ctx.warn) if len(ctx.inputs) > 1 else None
+
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
         weights = self._weights(len(models))
         inputs = list(getattr(ctx, "inputs", None) or [])
-        ckpts = inputs if len(inputs) == len(models) and all(c.model is m for c, m in zip(inputs, models)) else None
-        if ckpts:
+        ckpts = inputs if len(inputs) == len(models) else None  # models are the inputs' copies (run_pass)
+        compat = getattr(self, "_compat", None)
+        if ckpts and compat is not None:
+            family, kind = compat
+        elif ckpts:
             family, kind = check_compatible(ckpts, warn=ctx.warn)
         else:
             family, kind = check_models(models)
@@ -351,6 +355,6 @@ class LogitMerge(Pass):
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
         res = edit.result
-        experts = [model, *(build_expert(r) for r in res["experts"])]
+        experts = [model, *(build_expert(r, self.replay) for r in res["experts"])]
         return MergedModel(experts, res["weights"], output=res.get("output", "logits")).eval()
 

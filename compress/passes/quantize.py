@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -38,11 +38,11 @@ from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
-from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
+from squeeze.compress.passes.base import Edit, ExportRule, Pass, PassConfig, PassContext
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("bert", "vit", "llama", "gpt2")
+SUPPORTED = ("bert", "vit", "llama", "gpt2", "mpnet", "distilbert", "gemma")
 _BITS = re.compile(r"^int(\d+)$")
 
 
@@ -161,10 +161,10 @@ class QuantizePass(Pass):
         source = ctx.calibration.source if ctx.calibration is not None else "builtin"
         fam = ctx.family
         if source == "synthetic":
-            raise SqueezeError("static activation quantization needs real calibration data (--calib FILE), not synthetic")
+            raise SqueezeError("static activation quantization needs real calibration data (--data FILE), not synthetic")
         if fam.modality == "vision" and source == "builtin":
             raise SqueezeError("static activation quantization of an image model needs calibration images "
-                               "(--calib an .npz or an image folder)")
+                               "(--data an .npz or an image folder)")
         if fam.modality == "text" and ctx.checkpoint is not None and ctx.checkpoint.tokenizer() is None:
             raise SqueezeError("static activation quantization needs real text, but this checkpoint has no tokenizer")
 
@@ -182,9 +182,7 @@ class QuantizePass(Pass):
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
         from squeeze.compress.quant.engine import quantize_model
 
-        self.check(ctx.family, models)
-        self.check_data(ctx)
-        model = models[0]
+        model = models[0]  # a copy (run_pass), checked once before any work
         scheme = self.scheme(ctx.seed)
         warnings, notes = family_notes(ctx.family, self.config, model)  # type: ignore[arg-type]
         for w in warnings:
@@ -204,6 +202,13 @@ class QuantizePass(Pass):
             **metrics,
         })
         return model
+
+    def export_rule(self, edit: Edit) -> ExportRule:
+        """Cosine and relative max error against the PyTorch twin (one rounding flip cascades)."""
+        from squeeze.compress.quant.onnx_check import rule_for
+
+        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        return ExportRule(**rule_for(cfg.w_bits, cfg.activations, cfg.a_bits))
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
         from squeeze.compress.quant.engine import rebuild

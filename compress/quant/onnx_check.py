@@ -51,33 +51,24 @@ def integer_kernels(path: str | Path) -> dict[str, Any]:
             "op_counts": dict(sorted(counts.items()))}
 
 
-def quantize_edit(manifest) -> dict[str, Any] | None:
-    for edit in getattr(manifest, "edits", []) or []:
-        if edit.get("pass") == "quantize":
-            return edit
-    return None
-
-
 def validation_rule(manifest) -> dict[str, float] | None:
-    """For a quantized checkpoint: {"min_cosine", "max_abs_ratio"}; None for a float one."""
-    edit = quantize_edit(manifest)
-    if edit is None:
-        return None
-    act = edit.get("config", {}).get("activations", "dynamic")
-    bits = 8 if act in ("dynamic", "none") else int(str(act)[3:])
-    w_bits = int(str(edit.get("config", {}).get("weights", "int8"))[3:])
-    if act == "none":  # weight-only: float compute on dequantized weights, no code flips
+    """For a quantized checkpoint: {"min_cosine", "max_abs_ratio"} (``QuantizePass.export_rule``);
+    None for a float one."""
+    from squeeze.compress.passes import export_rule
+
+    rule = export_rule(getattr(manifest, "edits", []) or [])
+    return rule.model_dump() if rule is not None else None
+
+
+def rule_for(w_bits: int, activations: str, a_bits: int) -> dict[str, float]:
+    """The validation rule of a graph quantized to these widths (see the module docstring)."""
+    if activations == "none":  # weight-only: float compute on dequantized weights, no code flips
         return {"min_cosine": 0.9999, "max_abs_ratio": 1e-3}
-    return {"min_cosine": MIN_COSINE.get(min(bits, w_bits, 8), 0.9), "max_abs_ratio": MAX_ABS_RATIO}
+    return {"min_cosine": MIN_COSINE.get(min(a_bits, w_bits, 8), 0.9), "max_abs_ratio": MAX_ABS_RATIO}
 
 
 def check(ort_out, twin_out, rule: dict[str, float]) -> dict[str, Any]:
     """Apply a :func:`validation_rule` to one output pair (numpy arrays)."""
-    import numpy as np
+    from squeeze.compress.passes.base import ExportRule
 
-    a = ort_out.reshape(-1).astype(np.float64)
-    b = twin_out.reshape(-1).astype(np.float64)
-    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-    ratio = float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
-    return {"cosine": cos, "max_abs_ratio": ratio,
-            "ok": bool(np.isfinite(a).all() and cos >= rule["min_cosine"] and ratio <= rule["max_abs_ratio"])}
+    return ExportRule(**rule).check(ort_out, twin_out)
