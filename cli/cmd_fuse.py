@@ -37,8 +37,8 @@ def fuse(
 ) -> None:
     """Fuse models by aligning their neurons with optimal transport, then averaging (Imfeld et al., ICLR 2024)."""
     from squeeze.cli.cmd_merge import parse_weights
-    from squeeze.compress.checkpoint import load, save
-    from squeeze.compress.passes import PassContext, get_pass, run_pass
+    from squeeze.compress.passes.fuse import FuseConfig, FuseResult
+    from squeeze.compress.run import apply
 
     if len(models) < 2:
         raise SqueezeError(f"fuse needs at least two models, got {len(models)}")
@@ -48,25 +48,18 @@ def fuse(
         if not same:
             raise SqueezeError(f"--anchor: {anchor!r} is not one of the models given")
         anchor_i = same[-1]
-    parsed = parse_weights(weights, len(models))
-    if output.exists() and not force:  # fail before loading anything
-        raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
-    pass_cls = get_pass("fuse")
-    config = pass_config(pass_cls.Config, "fuse", anchor=anchor_i, cost=cost, solver=solver, reg=reg,
-                         residual=residual, weights=parsed, finetune_steps=finetune_steps, finetune_lr=finetune_lr)  # fmt: skip
-    spec = data_spec(data, samples, seq_len)
-    ckpts = [load(m, trust_pickle=trust_pickle) for m in models]
-    pass_ = pass_cls(config)
+    cfg = pass_config(FuseConfig, "fuse", others=list(models[1:]), anchor=anchor_i, cost=cost, solver=solver, reg=reg,
+                      residual=residual, weights=parse_weights(weights, len(models)), finetune_steps=finetune_steps,
+                      finetune_lr=finetune_lr)  # fmt: skip
     with progress() as bar:
-        ctx = PassContext(family=ckpts[0].family, calibration=spec, progress=bar)
-        fused = run_pass(pass_, ckpts, ctx)
-    save(fused, output, force=force)
+        fused = apply(models[0], cfg, data=data_spec(data, samples, seq_len), out=output, force=force,
+                      trust_pickle=trust_pickle, progress=bar)  # fmt: skip
     report = fused.manifest.ledger[-1]
     if as_json:
         print_json(report)
         return
     console.print(report_table(report))
-    for line in pass_.summary(fused.manifest.edits[-1]["result"]):
+    for line in FuseResult.model_validate(fused.manifest.edits[-1]["result"]).summary():
         console.print(f"{line} -> {output}")
 
 

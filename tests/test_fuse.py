@@ -298,3 +298,19 @@ def test_refusals_name_the_mismatch_and_write_nothing(pair, tiny_dirs, tmp_path,
         assert words in err and len(err.strip().splitlines()) == 1, (case, err)
         assert not out.exists(), case
 
+
+def test_recipe_step(pair, tmp_path):
+    """``- fuse: {others: [B], solver: emd}``: the engine loads B; the result is B (= perm(A))."""
+    a, b = pair
+    recipe = tmp_path / "fuse.yaml"
+    recipe.write_text(f"""version: 1
+defaults:
+  calibration: {{source: builtin, samples: 4, seq_len: 16, eval_samples: 4}}
+jobs:
+  - name: f
+    model: {a}
+    steps:
+      - fuse: {{others: [{b}], solver: emd}}
+""")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    assert _max_diff(load(tmp_path / "out" / "f" / "01-fuse").model, load(b).model) <= EXACT_ATOL
