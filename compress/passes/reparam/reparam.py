@@ -29,6 +29,7 @@ from torch import nn
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassResult
+from squeeze.compress.passes.reparam.init import fit_sites
 from squeeze.compress.passes.reparam.norms import (
     ChannelAffine,
     ProgressiveNorm,
@@ -56,6 +57,8 @@ class ReparamConfig(PassConfig):
     lr: float = Field(1e-4, gt=0, le=1.0)
     accumulate: int = Field(1, ge=1, le=1024)
     eta: float = 0.0  # initial eta (SLAB's vision code starts at 1, its LLaMA code at 0)
+    init: Literal["fit", "copy"] = "fit"  # fit: least-squares RepBN per site (init.py); copy: the norm's affine
+    fit_batches: int = Field(16, ge=1, le=10_000)
     data: str = Field(
         "auto", description="training data: auto (wiki text; images: the calibration source), or as for distill"
     )
@@ -222,6 +225,9 @@ class ReparamPass(Pass):
                 fam, model, site, ProgressiveNorm(norm, _repbn_like(norm, dim, cfg.eta), cfg.schedule_steps, cfg.warmup)
             )
         install_token_mask_hook(fam.base(model))
+        if cfg.init == "fit":
+            pns = [get_site(fam, model, s) for s in chosen]
+            fit_sites(fam, model, pns, batches[: cfg.fit_batches])
         torch.manual_seed(ctx.seed)
         dcfg = DistillConfig(
             steps=cfg.steps, lr=cfg.lr, accumulate=cfg.accumulate, seed=ctx.seed, output_weight=1.0, layers_weight=1.0
