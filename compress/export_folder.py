@@ -71,7 +71,16 @@ TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's last opset; higher ones
 MAX_OPSET = onnx.defs.onnx_opset_version()  # 28 with onnx 1.23; onnxruntime 1.32 ran every one of 21..28
 
 
-def _check(dtype: str, weights: str | None, block_size: int, opset: int, new_tokens: int) -> None:
+def _check(
+    dtype: str,
+    weights: str | None,
+    block_size: int,
+    opset: int,
+    new_tokens: int,
+    batch: int,
+    seq_len: int,
+    ckpt: Checkpoint,
+) -> None:
     if dtype not in DTYPES:
         raise SqueezeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if weights is not None and weights not in WEIGHTS:
@@ -82,6 +91,15 @@ def _check(dtype: str, weights: str | None, block_size: int, opset: int, new_tok
         raise SqueezeError(f"opset must be between 14 and {MAX_OPSET}, got {opset}")
     if not 1 <= new_tokens <= 4096:
         raise SqueezeError(f"new tokens must be between 1 and 4096, got {new_tokens}")
+    if not 1 <= batch <= 1024:
+        raise SqueezeError(f"batch must be between 1 and 1024, got {batch}")
+    max_pos = int(getattr(ckpt.config, "max_position_embeddings", 0) or 1 << 20)
+    extra = new_tokens if ckpt.family.causal else 0  # the generation check's new tokens
+    if ckpt.family.modality == "text" and not 1 <= seq_len * 2 + extra <= max_pos:
+        raise SqueezeError(
+            f"seq-len must be between 1 and {(max_pos - extra) // 2} for this model (validation also runs 2x"
+            f"{f', and generates {extra} tokens' if extra else ''}), got {seq_len}"
+        )
 
 
 def export_model(
@@ -109,7 +127,7 @@ def export_model(
     ``legacy`` takes ``export_onnx``'s other options (target, exporter, plain, reference, latency).
     """
     out = Path(out)
-    _check(dtype, weights, block_size, opset, new_tokens)
+    _check(dtype, weights, block_size, opset, new_tokens, batch, seq_len, ckpt)
     kind = resolve_task(task, ckpt)
     folder = None if out.suffix == ".onnx" else out
     sources = [ckpt.source, getattr(legacy.get("reference"), "source", None)]

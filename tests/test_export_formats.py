@@ -84,6 +84,8 @@ def test_external_data_and_a_newer_opset(tiny_dirs, tmp_path):
         (["--block-size", "48"], "block size"),
         (["--task", "translation"], "task"),
         (["--opset", "99"], "opset"),
+        (["--batch", "0"], "batch"),
+        (["--seq-len", "200"], "seq-len"),
     ],
 )
 def test_bad_format_options(tiny_dirs, tmp_path, capsys, args, message):
