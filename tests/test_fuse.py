@@ -273,6 +273,7 @@ def test_refusals_name_the_mismatch_and_write_nothing(pair, tiny_dirs, tmp_path,
     fewer = _save_like(build_tiny("gpt2", layers=3), a, tmp_path / "fewer")
     vocab = _save_like(build_tiny("gpt2", vocab_size=400), a, tmp_path / "vocab")
     heads = _save_like(build_tiny("gpt2", n_head=2), a, tmp_path / "heads")
+    other = _save_like(build_tiny("gpt2", seed=5), a, tmp_path / "other")
     cases = {
         "family": ([a, tiny_dirs["llama"]], [], "family differs"),
         "layers": ([a, fewer], [], "layer count differs: model 1 has 4, model 2 has 3"),
@@ -283,6 +284,7 @@ def test_refusals_name_the_mismatch_and_write_nothing(pair, tiny_dirs, tmp_path,
         "anchor": ([a, a], ["--anchor", "nope"], "--anchor"),
         "solver": ([a, a], ["--solver", "hungarian"], "--solver"),
         "reg": ([a, a], ["--reg", "0"], "--reg"),
+        "underflow": ([a, other], ["--reg", "0.0001"], "Sinkhorn underflowed"),
         "finetune-headless": (
             [tiny_dirs["bert"], tiny_dirs["bert"]],
             ["--finetune-steps", "2"],

@@ -26,6 +26,8 @@ import numpy as np
 import ot
 import torch
 
+from squeeze.compress.errors import SqueezeError
+
 Solver = Literal["sinkhorn", "emd", "none"]
 
 #: per-neuron standardisation guard, as in the reference code: (a - mean) / (std + EPS)
@@ -76,7 +78,7 @@ def solve(cost: torch.Tensor, solver: Solver, reg: float) -> torch.Tensor:
             warnings.simplefilter("ignore")
             plan = ot.sinkhorn(a, b, m, reg, method="sinkhorn", numItermax=SINKHORN_ITERS, stopThr=SINKHORN_STOP)
         if not np.isfinite(plan).all() or (plan.sum(axis=1) <= 0).any():
-            raise ValueError(f"Sinkhorn underflowed at reg={reg}; use a larger --reg or --solver emd")
+            raise SqueezeError(f"fuse: Sinkhorn underflowed at reg={reg}; use a larger --reg or --solver emd")
     else:
         raise ValueError(f"unknown solver {solver!r}")
     return torch.as_tensor(plan, dtype=torch.float64) * n0
