@@ -113,6 +113,8 @@ class Family:
     conv1d: bool = False  # GPT-2 linears are Conv1D: weight stored (in, out)
     attn_returns_tuple: bool = True
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    type_classes: tuple[tuple[str, str], ...] = ()  # (model_type, default class) where not default_class
+    attention_interface: bool = True  # attention runs through transformers' AttentionInterface
     skip: Callable[["Family", nn.Module, Sublayer, bool], None] | None = field(
         default=None, repr=False, compare=False
     )
@@ -441,11 +443,14 @@ def _skip_bert(fam: Family, layer: nn.Module, which: Sublayer, keep_norm: bool) 
 
 BERT = Family(
     name="bert",
-    model_types=("bert",),
+    model_types=("bert", "roberta", "xlm-roberta"),  # RoBERTa / XLM-R: BERT's layers, own embeddings
     modality="text",
     causal=False,
     default_class="BertModel",
-    classes=("BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForTokenClassification"),
+    classes=("BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForTokenClassification",
+             "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
+             "XLMRobertaModel", "XLMRobertaForMaskedLM", "XLMRobertaForSequenceClassification"),
+    type_classes=(("roberta", "RobertaModel"), ("xlm-roberta", "XLMRobertaModel")),
     layers_path="encoder.layer",
     roles={
         "attn": "attention",
@@ -558,7 +563,92 @@ GPT2 = Family(
     skip=_skip_pre_norm,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, VIT, LLAMA, GPT2)}
+
+def _skip_post_zero(fam: Family, layer: nn.Module, which: Sublayer, keep_norm: bool) -> None:
+    # DistilBERT: norm(branch(x) + x) with the branch a module of its own: the branch returns
+    # zeros and its norm becomes an identity (kept with keep_norm: output = LN(x)).
+    if not keep_norm:
+        fam.set_role(layer, "attn_norm" if which == "attn" else "mlp_norm", nn.Identity())
+    fam.set_role(layer, which, ZeroBranch(returns_tuple=(which == "attn")))
+
+
+MPNET = Family(  # BERT's post-LN layer with q/k/v/o one level down; a relative position bias per head
+    name="mpnet",
+    model_types=("mpnet",),
+    modality="text",
+    causal=False,
+    default_class="MPNetModel",
+    classes=("MPNetModel", "MPNetForMaskedLM", "MPNetForSequenceClassification"),
+    layers_path="encoder.layer",
+    roles={
+        "attn": "attention",
+        "mlp": ("intermediate", "output"),
+        "attn_norm": "attention.LayerNorm",
+        "mlp_norm": "output.LayerNorm",
+        "q": "attention.attn.q",
+        "k": "attention.attn.k",
+        "v": "attention.attn.v",
+        "qkv": None,
+        "attn_out": "attention.attn.o",
+        "mlp_in": ("intermediate.dense",),
+        "mlp_out": "output.dense",
+    },
+    norm_kind="layernorm",
+    norm_placement="post",
+    embeddings=("embeddings",),
+    final_norm=None,
+    head=None,
+    attention_interface=False,  # MPNetSelfAttention computes its scores itself
+    skip=_skip_bert,  # the same attention / intermediate / output attributes as BERT
+)
+
+DISTILBERT = Family(
+    name="distilbert",
+    model_types=("distilbert",),
+    modality="text",
+    causal=False,
+    default_class="DistilBertModel",
+    classes=("DistilBertModel", "DistilBertForMaskedLM", "DistilBertForSequenceClassification"),
+    layers_path="transformer.layer",
+    roles={
+        "attn": "attention",
+        "mlp": "ffn",
+        "attn_norm": "sa_layer_norm",
+        "mlp_norm": "output_layer_norm",
+        "q": "attention.q_lin",
+        "k": "attention.k_lin",
+        "v": "attention.v_lin",
+        "qkv": None,
+        "attn_out": "attention.out_lin",
+        "mlp_in": ("ffn.lin1",),
+        "mlp_out": "ffn.lin2",
+    },
+    norm_kind="layernorm",
+    norm_placement="post",
+    embeddings=("embeddings",),
+    final_norm=None,
+    head=None,
+    skip=_skip_post_zero,
+)
+
+GEMMA = Family(  # llama's roles; RMSNorm scales by (1 + weight) and the embeddings by sqrt(hidden)
+    name="gemma",
+    model_types=("gemma",),
+    modality="text",
+    causal=True,
+    default_class="GemmaForCausalLM",
+    classes=("GemmaForCausalLM", "GemmaModel"),
+    layers_path="layers",
+    roles=dict(LLAMA.roles),
+    norm_kind="rmsnorm",
+    norm_placement="pre",
+    embeddings=("embed_tokens",),
+    final_norm="norm",
+    head="lm_head",
+    skip=_skip_pre_norm,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, VIT, LLAMA, GPT2, MPNET, DISTILBERT, GEMMA)}
 _BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES.values() for mt in f.model_types}
 
 
@@ -579,7 +669,8 @@ def family_for(model_type: str | None) -> Family:
 def model_class(family: Family, config) -> type:
     """The transformers class to build for a config: its own architecture when we know it."""
     archs = list(getattr(config, "architectures", None) or [])
-    name = next((a for a in archs if a in family.classes), family.default_class)
+    default = dict(family.type_classes).get(getattr(config, "model_type", ""), family.default_class)
+    name = next((a for a in archs if a in family.classes), default)
     return getattr(transformers, name)
 
 
@@ -687,12 +778,19 @@ _EMBED_AXES: dict[str, tuple[tuple[str, int, str], ...]] = {
     ),
     "llama": (("embed_tokens.weight", 1, "embed"),),
     "gpt2": (("wte.weight", 1, "embed"), ("wpe.weight", 1, "embed")),
+    "distilbert": (
+        ("embeddings.word_embeddings.weight", 1, "embed"),
+        ("embeddings.position_embeddings.weight", 1, "embed"),
+        ("embeddings.LayerNorm.weight", 0, "norm"),
+        ("embeddings.LayerNorm.bias", 0, "norm"),
+    ),
 }
 _FINAL_READERS: dict[str, tuple[str, ...]] = {
     "bert": ("pooler.dense",),
     "vit": ("pooler.dense",),
     "llama": (),
     "gpt2": (),
+    "distilbert": (),
 }
 
 
@@ -708,6 +806,8 @@ def weight_spaces(family: Family, model: nn.Module) -> list[Space]:
 
     A tied head (GPT-2's lm_head is wte) is listed once, as the embedding it is.
     """
+    if family.name not in _EMBED_AXES:  # gemma (rotary, (1 + w) norms) and mpnet (per-head position bias): not yet
+        raise SqueezeError(f"the weight spaces of {family.name} models are not described; supported: {', '.join(_EMBED_AXES)}")
     cfg = model.config
     base = _prefix_of(model, family.base(model))
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -1,0 +1,103 @@
+"""Plain or refused: every kind of folder squeeze writes either loads correctly in plain
+transformers (and sentence-transformers, for an encoder) or is refused by them with a message
+that names squeeze and how to load it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from squeeze.compress import formats
+from squeeze.compress.run import apply, load
+
+# The same weights through the same transformers code: equal up to float summation order.
+PLAIN_ATOL = 1e-5  # measured 0.0 on the tiny models
+
+OUTPUTS = {
+    "prune-blocks": ({"prune": {"drop_blocks": 1}}, "plain"),
+    "prune-attn": ({"prune": {"drop_attn": 1}}, "refused"),
+    "prune-mlp": ({"prune": {"drop_mlp": 1}}, "refused"),
+    "quantize": ({"quantize": {"weights": "int8", "gptq": False}}, "refused"),
+    "distill": ({"distill": {"data": "builtin", "samples": 8, "seq_len": 16, "batch_size": 4, "steps": 1}}, "plain"),
+}
+
+
+def _auto(name: str):
+    import transformers as T
+
+    return T.AutoModelForCausalLM if name in ("llama", "gpt2") else T.AutoModel
+
+
+def _batch(name: str) -> dict[str, torch.Tensor]:
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    ids = torch.randint(5, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _main_output(out) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def check_plain_or_refused(folder, name: str) -> str:
+    """Load ``folder`` with transformers alone: the squeeze model's outputs, or a refusal naming squeeze."""
+    try:
+        plain = _auto(name).from_pretrained(str(folder)).eval()
+    except ValueError as exc:
+        assert "squeeze.compress.load" in str(exc)
+        assert formats.is_refused(folder)
+        return "refused"
+    ours = load(folder)
+    with torch.no_grad():
+        want = _main_output(ours.family.forward(ours.model, _batch(name)))
+        got = _main_output(plain(**_batch(name)))
+    torch.testing.assert_close(got, want, atol=PLAIN_ATOL, rtol=0)
+    return "plain"
+
+
+@pytest.mark.parametrize("kind", sorted(OUTPUTS))
+def test_each_output_kind_is_plain_or_refused(tmp_path, tiny_dirs, kind):
+    step, want = OUTPUTS[kind]
+    for name in ("llama", "bert"):
+        out = tmp_path / f"{name}-{kind}"
+        apply(tiny_dirs[name], step, out=out)
+        assert check_plain_or_refused(out, name) == want, (name, kind)
+
+
+def test_merged_models_are_refused(tmp_path, tiny_dirs):
+    out = tmp_path / "merged"
+    apply(tiny_dirs["gpt2"], {"merge": {"others": [str(tiny_dirs["gpt2"])]}}, out=out)
+    assert check_plain_or_refused(out, "gpt2") == "refused"
+    assert json.loads((out / "config.json").read_text())[formats.ORIGINAL_KEY] == "gpt2"
+
+
+def test_sentence_transformers_loads_plain_and_refuses_the_rest(tmp_path, tiny_dirs):
+    st = pytest.importorskip("sentence_transformers")
+    apply(tiny_dirs["bert"], OUTPUTS["prune-blocks"][0], out=tmp_path / "blocks")
+    apply(tiny_dirs["bert"], OUTPUTS["prune-attn"][0], out=tmp_path / "attn")
+    model = st.SentenceTransformer(str(tmp_path / "blocks"), device="cpu")
+    ours = load(tmp_path / "blocks")
+    tok = ours.tokenizer()
+    enc = tok(["a short sentence", "and another one here"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = ours.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        mean = (hidden * mask).sum(1) / mask.sum(1)  # sentence-transformers' default mean pooling
+        got = model.encode(["a short sentence", "and another one here"], convert_to_tensor=True)
+    torch.testing.assert_close(got, mean, atol=PLAIN_ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"squeeze\.compress\.load"):
+        st.SentenceTransformer(str(tmp_path / "attn"), device="cpu")
+
+
+def test_refused_folder_still_loads_in_squeeze_exactly(tmp_path, tiny_dirs):
+    new = apply(tiny_dirs["llama"], OUTPUTS["prune-attn"][0], out=tmp_path / "a")
+    back = load(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(
+            _main_output(new.family.forward(new.model, _batch("llama"))),
+            _main_output(back.family.forward(back.model, _batch("llama"))),
+        )
+    assert formats.plain_reason(back.model, back.family) is not None
+    assert formats.plain_reason(load(tiny_dirs["llama"]).model, back.family) is None
