@@ -352,8 +352,10 @@ def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors
     if info.get("unexpected_keys"):
         log.info("%s: ignored %d weights the architecture has no use for", folder, len(info["unexpected_keys"]))
     model.eval()
-    return model
+    from squeeze.compress import dtypes  # bf16 / fp16 folders: fp32 in memory, their own dtype on disk
 
+    stored = config_dict.get("dtype", config_dict.get("torch_dtype"))
+    return dtypes.to_work(model, dtypes.stored_dtype(weight_files(folder)[0], stored))
 
 
 def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
@@ -394,6 +396,9 @@ def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SqueezeError(f"{where}: edit {n} ({pass_name}) cannot be replayed ({msg})") from None
     _load_state_strict(model, files)
+    from squeeze.compress import dtypes
+
+    dtypes.to_work(model, dtypes.stored_dtype(files))
     model.eval()
     return Checkpoint(model=model, family=family, manifest=manifest, source=folder)
 
@@ -486,11 +491,9 @@ def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Pa
     with atomic_dir(out, force=force) as tmp:
         if ckpt.source is not None:
             copy_side_files(ckpt.source, tmp)
-        config = getattr(ckpt.model, "config", None)
-        if config is not None and hasattr(config, "to_json_file"):
-            config.to_json_file(str(tmp / "config.json"))
-        else:
-            (tmp / "config.json").write_text(json.dumps(ckpt.manifest.base.config, indent=2))
+        from squeeze.compress.formats import write_config  # plain transformers, or refused with how to load it
+
+        write_config(ckpt.model, ckpt.family, ckpt.manifest.base.config, tmp / "config.json")
         save_weights(ckpt.model, tmp / WEIGHTS)
         manifest = ckpt.manifest.model_copy(update={"weights_sha256": sha256_of([tmp / WEIGHTS])})
         (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
@@ -511,6 +514,9 @@ def save_weights(model: nn.Module, path: Path) -> None:
     for aliases in _remove_duplicate_names(state).values():
         for name in aliases:
             del state[name]
+    from squeeze.compress.dtypes import state_for_saving  # in the model's storage dtype (bf16 stays bf16)
+
+    state = state_for_saving(model, state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
