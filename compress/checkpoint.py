@@ -559,6 +559,10 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "layers": ckpt.family.num_layers(ckpt.model),
         "heads": int(cfg.num_attention_heads),
         "hidden_size": int(cfg.hidden_size),
+        "kv_heads": ckpt.family.num_kv_heads(cfg),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "max_positions": getattr(cfg, "max_position_embeddings", None),
+        "dtype": str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch."),  # as stored on disk
         "dtypes": dtypes,
         "bytes_in_memory": model_bytes(ckpt.model),
         "bytes_on_disk": on_disk,

@@ -101,3 +101,26 @@ def test_refused_folder_still_loads_in_squeeze_exactly(tmp_path, tiny_dirs):
         )
     assert formats.plain_reason(back.model, back.family) is not None
     assert formats.plain_reason(load(tiny_dirs["llama"]).model, back.family) is None
+
+
+def test_inspect_shows_kv_heads_vocabulary_positions_and_stored_dtype(tmp_path, tiny_dirs):
+    from squeeze.compress.checkpoint import describe
+
+    info = describe(load(tiny_dirs["llama"]))
+    assert (info["kv_heads"], info["heads"], info["vocab_size"], info["max_positions"]) == (2, 4, 384, 256)
+    assert info["dtype"] == "float32"
+
+
+def test_cli_dtype_and_wiki_calibration(tmp_path, tiny_dirs):
+    from typer.testing import CliRunner
+
+    from squeeze.cli.main import app
+    from squeeze.compress.train_data import wiki_available
+
+    calib = "wiki" if wiki_available() else "builtin"
+    args = ["quantize", str(tiny_dirs["llama"]), "-o", str(tmp_path / "q"), "--no-gptq", "--dtype", "bf16"]
+    res = CliRunner().invoke(app, [*args, "--calib", calib, "--samples", "8"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
+    res = CliRunner().invoke(app, ["quantize", "--help"])
+    assert "CC BY-SA 4.0" in res.output and "--dtype" in res.output
