@@ -21,9 +21,11 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show which steps would run; run nothing."),
     samples: Optional[int] = typer.Option(None, "--samples", min=1, max=100_000,
                                           help="Cap calibration and evaluation samples of every job (quick runs)."),
+    force: bool = typer.Option(False, "--force", help="Run into a folder that holds files squeeze did not write."),
 ) -> None:
     """Run a recipe's jobs; finished steps are reused; print the ledger and write the report."""
     from squeeze.compress import pipeline, report
+    from squeeze.compress.paths import check_run_output, locked, mark_run_output
     from squeeze.compress.recipe import load_recipe
 
     full = load_recipe(recipe)
@@ -31,13 +33,16 @@ def run(
     if samples is not None:
         rec = rec.with_samples(samples)
     out = output if output is not None else Path("out") / recipe.stem
+    check_run_output(out, pipeline.run_inputs(rec), force=force)  # before any work
     if dry_run:
         _print_plan(pipeline.plan(rec, out), out)
         return
-    with _RichReporter() as rep:
-        results = pipeline.run(rec, out, fresh=fresh, reporter=rep)
-    data = report.build(results, out, str(recipe), [j.name for j in full.jobs])
-    paths = report.write(data, out)
+    mark_run_output(out)
+    with locked(out):  # a second run on the same -o refuses instead of running every step twice
+        with _RichReporter() as rep:
+            results = pipeline.run(rec, out, fresh=fresh, reporter=rep)
+        data = report.build(results, out, str(recipe), [j.name for j in full.jobs])
+        paths = report.write(data, out)
     print_ledger(data)
     console.print(f"report: {paths['md']}  {paths['json']}  {paths['png']}")
     failed = [r for r in results if r.status != "ok"]

@@ -45,7 +45,13 @@ def ort_dynamic(fp32: Path, out: Path) -> Path:
     """ONNX Runtime's dynamic int8 quantization of a graph (weights int8, activations at run time)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs "consider pre-processing" advice on the root logger
+    try:
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return out
 
 

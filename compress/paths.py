@@ -82,7 +82,8 @@ def check_run_output(
     if target.is_symlink() or target.exists():
         if not target.is_dir():
             raise SqueezeError(f"{out}: is a file; name a folder to write")
-        if not (target / RUN_MARK).exists() and any(target.iterdir()) and not force:
+        own = (target / RUN_MARK).exists() or (target / "report.json").exists()  # or a run from before the mark
+        if not own and any(target.iterdir()) and not force:
             raise SqueezeError(
                 f"{out} holds files squeeze did not write; name a new folder, or pass --force to run into it"
             )

@@ -47,8 +47,8 @@ from squeeze.compress.calibration import DataSpec
 from squeeze.compress.checkpoint import Checkpoint, atomic_dir, resolve, squeeze_version, weight_files
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes import PassConfig
-from squeeze.compress.pipeline_steps import (ONNX_NAME, ORIGINAL_FILE, STEP_FILE, JobState, export_step, pass_step,
-                                             read_step, write_json)
+from squeeze.compress.pipeline_steps import (BASELINES_DIR, ONNX_NAME, ORIGINAL_FILE, STEP_FILE, JobState, export_step,
+                                             pass_step, read_step, write_json)
 from squeeze.compress.recipe import EXPORT, JobBase, Recipe, model_refs
 from squeeze.compress.run import load
 
@@ -197,6 +197,8 @@ def _finished_steps(out: Path) -> dict[str, Path]:
     """key -> folder of every finished step already in ``out`` (to copy instead of re-running)."""
     found: dict[str, Path] = {}
     for f in sorted(out.glob(f"*/*/{STEP_FILE}")):
+        if not _STEP_DIR.match(f.parent.name) or f.parent.parent.name.startswith("."):
+            continue  # a hidden temporary (or a user's folder) is never a finished step
         row = read_step(f.parent)
         if row and "key" in row:
             found.setdefault(row["key"], f.parent)
@@ -267,14 +269,32 @@ def _copy_step(src: Path, dst: Path) -> None:
 
 def _remove_stale(jp: JobPlan) -> None:
     """Drop step folders a changed recipe no longer makes (another index, another pass)."""
-    keep = {s.folder.name for s in jp.steps}
+    keep = {s.folder.name for s in jp.steps} | {BASELINES_DIR}
     if not jp.folder.is_dir():
         return
     for d in jp.folder.iterdir():
+        if not _made_by_squeeze(d):  # a user's tb/07-old is never deleted
+            continue
         if d.is_dir() and (_STEP_DIR.match(d.name) or d.name.endswith(".rejected")) and d.name not in keep:
             if d.name.endswith(".rejected") and d.name[: -len(".rejected")] in keep:
                 continue
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _made_by_squeeze(folder: Path) -> bool:
+    """A step folder squeeze wrote: it holds a checkpoint manifest, a graph or a step mark."""
+    return folder.is_dir() and any((folder / n).exists() for n in (STEP_FILE, "squeeze.json", ONNX_NAME,
+                                                                    ONNX_NAME + ".report.json"))
+
+
+def run_inputs(recipe: Recipe) -> list[Path]:
+    """The local folders and files a run reads: its output may not be, hold or lie inside one."""
+    refs: list[str] = []
+    for job in recipe.jobs:
+        refs += [job.model, *(str(r) for s in job.steps for r in model_refs(s.config))]
+        if job.calibration is not None and job.calibration.source not in ("builtin", "synthetic"):
+            refs.append(job.calibration.source)
+    return [Path(r) for r in refs if not r.startswith("pkg:") and Path(r).exists()]
 
 
 def _rel(path: Path, out: Path) -> str:

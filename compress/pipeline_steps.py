@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 STEP_FILE = "step.json"
 ORIGINAL_FILE = "original.json"
 ONNX_NAME = "model.onnx"
+BASELINES_DIR = "00-baselines"  # the job's fp32 graph and ORT's dynamic int8 (compress/baselines.py)
 
 
 def read_step(folder: Path) -> dict[str, Any] | None:
@@ -115,7 +116,7 @@ def pass_step(inp: Checkpoint, step: StepPlan, state: JobState) -> tuple[dict[st
 
 def export_step(inp: Checkpoint, step: StepPlan, state: JobState) -> dict[str, Any]:
     """Export, validate, and measure the graph; a rejected graph is kept in ``<folder>.rejected``."""
-    from squeeze.compress.evaluate import ort_latency_ms, ort_session
+    from squeeze.compress.evaluate import ort_session
     from squeeze.compress.export import export_onnx
 
     cfg = step.config.model_dump()
@@ -134,20 +135,40 @@ def export_step(inp: Checkpoint, step: StepPlan, state: JobState) -> dict[str, A
         path = step.folder / ONNX_NAME
         session = ort_session(path)
         fidelity = _onnx_fidelity(session, state, report["outputs"][0])
-        lat = ort_latency_ms(session, _latency_feeds(session, inp, lat_batch, lat_seq)) if latency else None
+        timing, baselines = _timing(path, state, lat_batch, lat_seq) if latency else ({}, None)
     return {
         "config": step.config.model_dump(mode="json", by_alias=True),
         "params": count_params(inp.model),
         "bytes": sum(f.stat().st_size for f in step.folder.iterdir() if f.suffix in (".onnx", ".data")),
         "fidelity": fidelity,
         "fidelity_step": {"validation_max_abs": max(c["max_abs"] for c in report["validation"])},
-        "latency_ms": round(lat, 3) if lat is not None else None,
+        "latency_ms": timing.get("latency_ms"),
+        **{k: timing[k] for k in ("latency_ratio", "ratio_spread", "reference_ms") if k in timing},
         "latency_shape": [lat_batch, lat_seq] if latency else None,
+        "baselines": baselines,
         "pass_seconds": report.get("export_seconds"),
         "peak_mem_mb": round(mem.peak_mb, 1),
         "warnings": [],
         "metrics": {"custom_ops": report.get("custom_ops", [])},
     }
+
+
+def _timing(path: Path, state: JobState, batch: int, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The graph's latency in a fresh process, interleaved with the job's fp32 graph (a ratio with
+    its spread, compress/latency.py), and the job's baselines (compress/baselines.py), made once
+    per job in ``00-baselines``."""
+    from types import SimpleNamespace
+
+    from squeeze.compress.baselines import FP32, job_baselines
+    from squeeze.compress.latency import measure
+
+    orig = state.load_original()
+    family_inputs = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n) for n in orig.family.model_inputs])
+    feeds = _latency_feeds(family_inputs, orig, batch, seq_len)
+    folder = state.jp.folder / BASELINES_DIR
+    key = f"{state.jp.original_key}-{batch}x{seq_len}"
+    baselines = job_baselines(orig, state.reference, folder, key, feeds, state.spec)
+    return measure(path, feeds, reference=folder / FP32), baselines
 
 
 def _onnx_fidelity(session, state: JobState, output: str) -> dict[str, float]:

@@ -33,7 +33,8 @@ Decisions, written down here because users meet them:
   are resolved against the recipe file's folder, so a recipe and its models can travel together.
   ``pkg:NAME/sub`` and hub ids are kept as written.
 * **Cross-step rules**, checked up front: ``export`` comes last and at most once; a pass that
-  needs calibration data requires ``calibration:`` in the job or in defaults; every model
+  needs calibration data is refused only under ``calibration: null`` (the default is the CLI's, the
+  built-in corpus); every model
   reference and data path exists; job names are unique and folder-safe.
 
 Errors name the location and the file and line: ``recipe.yaml:12: jobs[1].steps[0].prune.drop_attn:
@@ -131,7 +132,9 @@ class JobBase(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN, max_length=120)
     model: str = Field(min_length=1)
-    calibration: DataSpec | None = None
+    # the CLI's default (the built-in corpus, 128 samples of 128 tokens): a step runs the same
+    # in a recipe as on the command line; ``calibration: null`` asks for none
+    calibration: DataSpec | None = Field(default_factory=DataSpec)
     seed: int = Field(0, ge=0)
     trust_pickle: bool = False
     #: the matrix values this job was made from (filled in by expansion; informational)

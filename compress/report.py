@@ -179,27 +179,33 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _baselines(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Reference points: each job's original (fp32) model, an export straight from it (the fp32
-    graph), and ``report["baselines"]`` rows (e.g. ORT's own dynamic quantization) where measured."""
-    out: list[tuple[str, dict[str, Any]]] = []
+    """Reference points: the original (fp32) model, and the baselines export steps measured
+    (compress/baselines.py: the fp32 graph, ORT's dynamic int8) or ``report["baselines"]`` holds;
+    without measured ones, an export straight from the original stands for the fp32 graph. One
+    point per name, suffixed with the job only where jobs start from different models."""
+    found: list[tuple[str, str, dict[str, Any]]] = []  # (name, job, row)
     for job in report["jobs"]:
         rows = {r["step"]: r for r in job["rows"]}
-        if 0 in rows and not any(name == "fp32 (original)" for name, _ in out):
-            out.append(("fp32 (original)", {**rows[0], "cos": 1.0}))
-        first = rows.get(1)
-        if first and first["pass"] == "export" and first.get("latency_ms"):
-            cos = (first.get("fidelity") or {}).get("cos_mean", 1.0)
-            out.append((f"fp32 ONNX ({job['job']})", {**first, "cos": cos}))
-    measured = dict(report.get("baselines") or {})
-    for job in report["jobs"]:  # an export step records its job's baselines (compress/baselines.py)
-        for r in job["rows"]:
+        if 0 in rows:
+            found.append(("fp32 (original)", job["job"], {**rows[0], "cos": 1.0}))
+        for r in job["rows"]:  # an export step records its job's baselines
             for name, row in (r.get("baselines") or {}).items():
-                key = name if len(report["jobs"]) == 1 else f"{name} ({job['job']})"
-                if not any(isinstance(v, dict) and v.get("bytes") == row.get("bytes") for v in measured.values()):
-                    measured[key] = row
-    for name, row in measured.items():
-        if isinstance(row, dict):
-            out.append((name, {**row, "cos": (row.get("fidelity") or {}).get("cos_mean", row.get("cos_mean"))}))
+                found.append((name, job["job"], row))
+    found += [(name, "", row) for name, row in (report.get("baselines") or {}).items() if isinstance(row, dict)]
+    if not any(name == "fp32 ONNX" for name, _, _ in found):
+        for job in report["jobs"]:
+            first = next((r for r in job["rows"] if r["step"] == 1), None)
+            if first and first["pass"] == "export" and first.get("latency_ms"):
+                found.append(("fp32 ONNX", job["job"], first))
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name, job, row in found:
+        same = [r for n, _, r in found if n == name]
+        distinct = len({r.get("bytes") for r in same}) > 1
+        label = f"{name} ({job})" if distinct and job else name
+        if any(lbl == label for lbl, _ in out):
+            continue
+        cos = row.get("cos", (row.get("fidelity") or {}).get("cos_mean", row.get("cos_mean")))
+        out.append((label, {**row, "cos": cos}))
     return out
 
 
@@ -231,19 +237,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-o", color=f"C{n % 10}", alpha=0.7,
                         markersize=5, label=job["job"])
                 pts += series
-        for name, row in _baselines(report):
+        marked = []
+        for (name, row), marker in zip(_baselines(report), "*DPXhv^<>", strict=False):  # in the legend, not on the plot
             if row.get(key) and row.get("cos") is not None:
                 if key == "latency_ratio" and row.get("ratio_spread"):
                     lo, hi = row["ratio_spread"]
                     ax.errorbar(row[key], row["cos"], xerr=[[row[key] - lo], [hi - row[key]]], color="black", lw=1)
-                ax.plot(row[key] * scale, row["cos"], "*", color="black", markersize=13, zorder=5)
-                ax.annotate(name, (row[key] * scale, row["cos"]), textcoords="offset points", xytext=(6, -12),
-                            fontsize=8)
+                ax.plot(row[key] * scale, row["cos"], marker, color="black", markersize=11 if marker == "*" else 8,
+                        zorder=5, linestyle="none", label=name)
+                marked.append((row[key] * scale, row["cos"]))
         front = [pts[i] for i in pareto([(x, y) for x, y, _ in pts])]
+        span = max([x for x, _, _ in pts] + [x for x, _ in marked] + [1e-9])
+        front_labels = [p for p in front if not any(abs(p[0] - x) < 0.03 * span and abs(p[1] - y) < 1e-4 for x, y in marked)]
         if len(front) > 1:
             ax.step([x for x, _, _ in front], [y for _, y, _ in front], "--", where="post", color="grey", lw=1,
                     label="Pareto front")
-        for k, (x, y, label) in enumerate(front):  # alternate sides so neighbouring labels do not overlap
+        for k, (x, y, label) in enumerate(front_labels):  # alternate sides so neighbours do not overlap
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 8 if k % 2 == 0 else -14), fontsize=8,
                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
         if not pts:
@@ -254,11 +263,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
               if lat_key == "latency_ratio" else "ONNX Runtime latency (ms, lower is better)")
     ax_lat.set(xlabel=xlabel, ylabel="cosine vs original (mean, higher is better)", title="fidelity vs latency")
     ax_size.set(xlabel="size on disk (MB, lower is better)", title="fidelity vs size")
-    handles, labels = ax_size.get_legend_handles_labels()
-    if not handles:
-        handles, labels = ax_lat.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    legend: dict[str, Any] = {}
+    for ax in (ax_size, ax_lat):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                   frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

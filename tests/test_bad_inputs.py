@@ -128,6 +128,22 @@ def _symlink_out(ws: Path) -> None:
     (ws / "model" / "notes.txt").symlink_to(ws / "secret.txt")
 
 
+RUN_RECIPE = "jobs:\n  - name: a\n    model: model\n    steps: [{prune: {attn_layers: [1]}}]\n"
+HELD: list = []  # locks a case holds while the command runs
+
+
+def _held_run_folder(ws: Path) -> list[str]:
+    import fcntl
+
+    from squeeze.compress.paths import LOCK, mark_run_output
+
+    mark_run_output(ws / "out")
+    fh = open(ws / "out" / LOCK, "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    HELD.append(fh)
+    return ["run", _recipe(ws, RUN_RECIPE), "-o", "out"]
+
+
 PRUNE = ["prune", "model", "--attn-layers", "1"]
 SCORED = ["prune", "model", "--drop-attn", "1", "--samples", "4", "--seq-len", "8"]
 
@@ -162,6 +178,10 @@ CASES: list[tuple[str, Setup, int, str, tuple[str, ...]]] = [
      2, "is a folder", ()),
     ("n10_output_is_file", lambda ws, m: _put(ws / "out", "x") or [*PRUNE, "-o", "out", "--force"], 2,
      "is a file", ()),
+    ("n10_run_inside_model", lambda ws, m: ["run", _recipe(ws, RUN_RECIPE), "-o", "model/out"], 2, "inside the input", ()),
+    ("n12_run_into_user_folder", lambda ws, m: (ws / "mine").mkdir() or _put(ws / "mine/report.md", "my notes")
+     or ["run", _recipe(ws, RUN_RECIPE), "-o", "mine"], 2, "holds files squeeze did not write", ()),
+    ("n12_run_locked", lambda ws, m: _held_run_folder(ws), 2, "in use by another squeeze run", ()),
     ("n11_nan_in_recipe", lambda ws, m: ["recipe", "check", _recipe(
         ws, "jobs:\n  - name: a\n    model: model\n    steps:\n      - prune: {drop_attn: .nan}\n")],
      2, "r.yaml:5: jobs[0].steps[0].prune.drop_attn: .nan is not a finite number", ()),
@@ -291,6 +311,9 @@ def test_bad_input(setup, code, words, allowed, models, tmp_path, monkeypatch, c
     capsys.readouterr()
     before = snapshot(tmp_path)
     got = main(argv)
+    for fh in HELD:
+        fh.close()
+    HELD.clear()
     _, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert got == code, err

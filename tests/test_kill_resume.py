@@ -29,7 +29,7 @@ jobs:
     steps:
       - prune: {attn_layers: [1]}
       - quantize: {weights: int8, activations: dynamic}
-      - export: {opset: 18}
+      - export: {opset: 18, latency: false}  # latency: volatile, and tested in test_reliability.py
   - name: b
     model: model
     steps:
@@ -98,7 +98,7 @@ def _tree(out: Path) -> dict[str, object]:
     tree: dict[str, object] = {}
     for p in sorted(out.rglob("*")):
         rel = str(p.relative_to(out))
-        if p.is_dir() or p.name.startswith("report."):
+        if p.is_dir() or p.name.startswith("report.") or p.name == ".squeeze.lock":  # the lock holds a pid
             continue
         if p.suffix == ".json":
             tree[rel] = _strip(json.loads(p.read_text().replace(str(out), "OUT")))
@@ -137,7 +137,7 @@ def test_killed_run_resumes_to_identical_outputs(stage, workspace, reference_tre
     if stage.endswith("-save"):  # the kill left a half-written temporary folder behind
         assert [p.name for p in out.rglob(".*tmp-*")]
     assert _run(["run", recipe, "-o", str(out)]) == 0
-    assert [p.name for p in out.rglob(".*")] == []  # removed by the rerun
+    assert [p.name for p in out.rglob(".*tmp-*")] == []  # removed by the rerun
     tree = _tree(out)
     assert tree.keys() == reference_tree.keys()
     for rel, want in reference_tree.items():

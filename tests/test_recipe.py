@@ -51,7 +51,7 @@ BAD = {
                      "jobs[0].steps[0].toy_scale.factor", "less than or equal to 10 (got 20)"),
     "export_not_last": (HEAD + "    steps:\n      - export: {{}}  # <-\n      - toy_scale: {{}}\n",
                         "jobs[0].steps[0].export", "export must be the last step"),
-    "missing_calibration": (HEAD + "    steps:\n      - toy_scale\n      - toy_cal  # <-\n",
+    "missing_calibration": (HEAD + "    calibration: null\n    steps:\n      - toy_scale\n      - toy_cal  # <-\n",
                             "jobs[0].steps[1].toy_cal", "needs calibration data"),
     "typo_in_job": (HEAD + "    calibraton: {{source: builtin}}  # <-\n    steps: [toy_scale]\n",
                     "jobs[0].calibraton", "unknown key"),

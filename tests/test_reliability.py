@@ -82,7 +82,7 @@ def test_plot_with_baselines(tmp_path):
                                                  row(2, "export", 25e6, 4.0, 0.99)]}],
         "baselines": {"ORT dynamic int8": {"bytes": 23e6, "latency_ms": 4.5, "cos_mean": 0.985}}}
     names = [n for n, _ in report._baselines(data)]
-    assert names == ["fp32 (original)", "fp32 ONNX (fp32)", "ORT dynamic int8"]
+    assert names == ["fp32 (original)", "ORT dynamic int8", "fp32 ONNX"]
     report.plot(data, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -178,3 +178,22 @@ def test_ledger_and_plot_use_the_latency_ratio(tmp_path):
     assert [n for n, _ in report._baselines(data)] == ["fp32 (original)", "fp32 ONNX", "ORT dynamic int8"]
     report.plot(data, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_run_with_force_keeps_a_users_folders_and_ignores_hidden_temporaries(tiny_dirs, tmp_path, monkeypatch):
+    from squeeze.compress import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dirs["bert"], tmp_path / "model")
+    (tmp_path / "r.yaml").write_text("jobs:\n  - name: a\n    model: model\n    steps: [{prune: {attn_layers: [1]}}]\n")
+    (tmp_path / "tb/a/07-old").mkdir(parents=True)
+    (tmp_path / "tb/a/07-old/notes.txt").write_text("mine")  # named like a step, not squeeze's
+    (tmp_path / "tb/notes.md").write_text("mine")
+    assert main(["run", "r.yaml", "-o", "tb", "--force"]) == 0
+    assert (tmp_path / "tb/a/07-old/notes.txt").read_text() == "mine" and (tmp_path / "tb/notes.md").exists()
+    assert main(["run", "r.yaml", "-o", "tb"]) == 0  # squeeze's folder now: a rerun needs no --force
+    # a killed save's hidden temporary with a completion mark (as older versions copied in) is never a cached step
+    key = json.loads((tmp_path / "tb/a/01-prune/step.json").read_text())["key"]
+    (tmp_path / "tb/b/.01-prune.tmp-1").mkdir(parents=True)
+    (tmp_path / "tb/b/.01-prune.tmp-1/step.json").write_text(json.dumps({"key": key}))
+    assert pipeline._finished_steps(tmp_path / "tb") == {key: tmp_path / "tb/a/01-prune"}
