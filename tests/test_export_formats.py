@@ -154,3 +154,26 @@ def test_tensorrt_check_refuses_asymmetric_qdq_and_groups_problems(tmp_path):
         opset_imports=[helper.make_opsetid("", 18)],
     )
     assert tensorrt_readiness(symmetric)["ok"]
+
+
+def test_weight_only_squeeze_checkpoint_keeps_its_own_codes(tiny_dirs, tmp_path):
+    """quantize --weights int4 --activations none (GPTQ rounding): MatMulNBits carries exactly
+    those codes (unpacked nibbles == the QuantLinear's codes), not a re-rounding."""
+    import numpy as np
+
+    from squeeze.compress.calibration import DataSpec
+    from squeeze.compress.passes import PassContext, run_pass
+    from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
+
+    ckpt = ck.load(tiny_dirs["llama"])
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=DataSpec(samples=8, seq_len=16, batch_size=4))
+    cfg = QuantizeConfig(weights="int4", activations="none", embeddings=False)
+    quant = run_pass(QuantizePass(cfg), [ckpt], ctx, measure_fidelity=False)
+    report = export_model(quant, tmp_path / "g.onnx", weights="int4", latency=False)
+    assert report["ok"] and report["rule"] == {"atol": 1e-4, "rtol": 1e-3}  # exact twin: fp32 tolerances
+    down = ckpt.family.role(ckpt.family.layers(quant.model)[0], "mlp_out")  # (32, 64): blocks of 32
+    graph = onnx.load(str(tmp_path / "g.onnx")).graph
+    packed = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.dims == [32, 2, 16]]
+    nibbles = [np.stack([p & 15, p >> 4], -1).reshape(32, 64) for p in packed]
+    codes = down.qweight.numpy().astype(np.int32)
+    assert any(np.array_equal(n.astype(np.int32), codes) for n in nibbles)
