@@ -125,8 +125,11 @@ class _RichReporter:
     """Progress bars for jobs, steps and a pass's inner loops; silent when stdout is not a terminal."""
 
     def __init__(self) -> None:
+        from squeeze.cli.common import PlainProgress
+
         self.live = console.is_terminal
         self.bars = None
+        self.plain = None if self.live else PlainProgress()  # logs and CI: plain lines on stderr
 
     def __enter__(self) -> "_RichReporter":
         if self.live:
@@ -151,6 +154,8 @@ class _RichReporter:
             self.bars.update(self.steps, completed=0, total=len(job.steps))
 
     def step_start(self, job, index: int, total: int, name: str, cached: bool) -> None:
+        if self.plain is not None:
+            self.plain.line(f"job {job.name}: step {index}/{total} {name}{' (cached)' if cached else ''}")
         if self.bars is not None:
             self.bars.update(self.steps, description=f"step {name}", completed=index - 1, total=total)
             self.bars.update(self.inner, visible=False)
@@ -170,6 +175,8 @@ class _RichReporter:
                 console.print(f"  [red]{result.job} failed at step {result.failed_step}[/red]: {result.error}")
 
     def progress(self, label: str, done: int, total: int) -> None:
+        if self.plain is not None:
+            self.plain(f"  {label}", done, total)
         if self.bars is not None:
             self.bars.update(self.inner, description=f"  {label}", completed=done, total=total, visible=True)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from squeeze.compress.calibration import DataSpec
@@ -40,20 +41,53 @@ def data_spec(calib: str, samples: int, seq_len: int, **extra: Any) -> DataSpec:
     return DataSpec(source=calib, samples=samples, seq_len=seq_len, **extra)
 
 
+PLAIN_EVERY_S = 2.0  # plain progress: a stage is shown once it has run this long, then this often
+
+
+class PlainProgress:
+    """A ProgressFn writing plain lines to stderr (logs, CI, pipes): a stage that runs past
+    ``PLAIN_EVERY_S`` gets a line then and every ``PLAIN_EVERY_S`` after, and one when it ends;
+    quick stages print nothing (a failing command's error stays the only line)."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, float] = {}
+        self.shown: dict[str, float] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        self.start.setdefault(label, now)
+        finished = bool(total) and done >= total
+        last = self.shown.get(label)
+        if last is None and now - self.start[label] < PLAIN_EVERY_S and not (finished and label in self.shown):
+            return
+        if last is not None and not finished and now - last < PLAIN_EVERY_S:
+            return
+        self.shown[label] = now
+        count = f" {done}/{total}" if total else ""
+        sys.stderr.write(f"{label}{count} ({now - self.start[label]:.0f} s)\n")
+        sys.stderr.flush()
+
+    def line(self, text: str) -> None:
+        """A stage boundary worth a line in any case (a recipe's step starting)."""
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def progress() -> Iterator[ProgressFn]:
-    """A ProgressFn drawing Rich bars; silent when stdout is not a terminal."""
-    if not console.is_terminal:
-        yield lambda label, done, total: None
+    """A ProgressFn drawing Rich bars on stderr (a spinner where a stage has no count); plain lines
+    (:class:`PlainProgress`) when stderr is not a terminal."""
+    if not err_console.is_terminal:
+        yield PlainProgress()
         return
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err_console, transient=True)
     tasks: dict[str, int] = {}
 
     def update(label: str, done: int, total: int) -> None:
         if label not in tasks:
-            tasks[label] = bars.add_task(label, total=total)
-        bars.update(tasks[label], completed=done, total=total)
+            tasks[label] = bars.add_task(label, total=total or None)  # no count: an indeterminate bar
+        bars.update(tasks[label], completed=done, total=total or None)
 
     with bars:
         yield update

@@ -197,3 +197,17 @@ def test_run_with_force_keeps_a_users_folders_and_ignores_hidden_temporaries(tin
     (tmp_path / "tb/b/.01-prune.tmp-1").mkdir(parents=True)
     (tmp_path / "tb/b/.01-prune.tmp-1/step.json").write_text(json.dumps({"key": key}))
     assert pipeline._finished_steps(tmp_path / "tb") == {key: tmp_path / "tb/a/01-prune"}
+
+
+def test_plain_progress_lines_for_slow_stages_only(monkeypatch, capsys):
+    from squeeze.cli import common
+
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    show = common.PlainProgress()
+    show("quick", 1, 2)
+    show("quick", 2, 2)  # done within 2 s: nothing
+    for t, done in ((0, 0), (1, 1), (2.5, 2), (3, 3), (5, 4), (5.1, 10)):
+        clock[0] = 10 + t
+        show("slow", done, 10)
+    assert capsys.readouterr().err.splitlines() == ["slow 2/10 (2 s)", "slow 4/10 (5 s)", "slow 10/10 (5 s)"]
