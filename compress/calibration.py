@@ -253,7 +253,8 @@ def _image_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
     else:
         arrays, labels = _read_images(Path(spec.source))
         idx = _split(list(range(len(arrays))), split, spec.eval_samples)[: spec.samples]
-        pixels = to_pixel_values(arrays[idx], channels, size)
+        proc = image_processor(ckpt.name)
+        pixels = processed_pixels(proc, arrays[idx]) if proc is not None else to_pixel_values(arrays[idx], channels, size)
         labels = labels[idx] if labels is not None else None
     out = []
     for i in range(0, len(pixels), spec.batch_size):
@@ -308,6 +309,35 @@ def _read_image(path: Path) -> np.ndarray:
                 return np.asarray(img.convert("RGB").resize((64, 64)))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SqueezeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def image_processor(folder: str | None) -> Any:
+    """The model folder's own image processor (its resize, crop and mean / std: DeiT uses
+    ImageNet's), or None when the folder has no ``preprocessor_config.json``."""
+    if not folder or not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # a broken processor file: fall back to the plain resize, said once
+        log.warning("%s: could not load the image processor (%s); using a plain resize", folder, exc)
+        return None
+
+
+def processed_pixels(proc: Any, arrays: np.ndarray) -> torch.Tensor:
+    """(N, H, W[, C]) or (N, C, H, W) arrays through an image processor -> pixel_values."""
+    x = torch.as_tensor(np.asarray(arrays, dtype=np.float32))
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    hi = float(x.max()) if x.numel() else 1.0
+    x = (x * (1.0 if hi > 1.5 else 255.0 / max(hi, 1e-6))).clamp(0, 255)  # 0..255, as images are read
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    images = [img.permute(1, 2, 0).round().to(torch.uint8).numpy() for img in x]  # (H, W, 3) uint8
+    return proc(images=images, return_tensors="pt")["pixel_values"].float()
 
 
 def to_pixel_values(arrays: np.ndarray, channels: int, size: int) -> torch.Tensor:

@@ -150,3 +150,23 @@ def test_smollm2_from_its_gguf_loads_as_a_llama_and_generates(tmp_path):
     new = apply(ck, {"prune": {"drop_attn": 0.25}}, out=tmp_path / "p", data="builtin")
     assert len(new.manifest.edits[-1]["result"]["attention"]) == 7  # 25% of 30 layers, rounded down
     assert formats.is_refused(tmp_path / "p")
+
+
+def test_image_calibration_goes_through_the_folders_image_processor(tmp_path, tiny_dirs):
+    import numpy as np
+    from transformers import ViTImageProcessor
+
+    from squeeze.compress.calibration import DataSpec, batches
+
+    folder = tmp_path / "vit"
+    load(tiny_dirs["vit"]).model.save_pretrained(str(folder))
+    proc = ViTImageProcessor(
+        size={"height": 16, "width": 16}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+    )  # DeiT's ImageNet statistics, not (x - 0.5) / 0.5
+    proc.save_pretrained(str(folder))
+    images = np.random.default_rng(0).integers(0, 256, (12, 24, 24, 3), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", pixel_values=images)
+    spec = DataSpec(source=str(tmp_path / "imgs.npz"), samples=4, eval_samples=4)
+    got = torch.cat([b["pixel_values"] for b in batches(load(folder), spec)])
+    want = proc(images=list(images[:4]), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(got, want)
