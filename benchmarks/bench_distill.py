@@ -41,7 +41,7 @@ from squeeze.compress.distill import DistillConfig, distill
 from squeeze.compress.evaluate import PeakMemory, compare_outputs, reference_outputs
 from squeeze.compress.passes import PassContext, run_pass
 from squeeze.compress.passes.distill import layer_map_from_edits
-from squeeze.compress.passes.drop import PrunePass
+from squeeze.compress.passes.prune import PrunePass
 from squeeze.compress.train_data import TrainSpec, training_batches, wiki_sentences
 
 torch.set_num_threads(1)

@@ -30,7 +30,7 @@ from common import MINILM, RESULTS, THREADS, ck, eval_batches, export_fp32, late
 from squeeze.compress.calibration import model_inputs
 from squeeze.compress.evaluate import PeakMemory, compare_outputs, current_rss_mb, ort_latency_ms, ort_session, reference_outputs
 from squeeze.compress.passes import PassContext
-from squeeze.compress.passes.drop import Plan, PrunePass, layer_scores, rank_joint, top_k
+from squeeze.compress.passes.prune import Plan, PrunePass, layer_scores, rank_joint, top_k
 
 torch.set_num_threads(2)
 

@@ -39,7 +39,7 @@ from squeeze.compress.evaluate import compare_outputs, reference_outputs
 from squeeze.compress.export import export_onnx
 from squeeze.compress.passes import PassContext, run_pass
 from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
-from squeeze.compress.quant import onnx_check
+from squeeze.compress.passes.quantize import onnx_check
 
 torch.set_num_threads(1)
 

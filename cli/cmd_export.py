@@ -109,7 +109,7 @@ def evaluate(
     as_json: bool = JsonOpt,
 ) -> None:
     """Fidelity of a checkpoint or ONNX graph against a reference on held-apart data."""
-    from squeeze.compress.evaluate import evaluate_against
+    from squeeze.compress.eval_graph import evaluate_against
     from squeeze.compress.run import load as load_model
 
     reference = load(ref, trust_pickle=trust_pickle)

@@ -10,7 +10,7 @@ import typer
 from squeeze.cli.common import (ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, pass_config,
                                 print_json, progress, report_table)
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.passes.logit_merge import MergeConfig
+from squeeze.compress.passes.merge import MergeConfig
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:

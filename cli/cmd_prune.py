@@ -40,7 +40,7 @@ def _indices(text: str | None, flag: str) -> list[int] | None:
 
 
 def _config(**kw: Any):
-    from squeeze.compress.passes.drop import PruneConfig
+    from squeeze.compress.passes.prune import PruneConfig
 
     return pass_config(PruneConfig, "prune", **kw)
 

@@ -21,9 +21,9 @@ teacher's on inputs each model really produces::
 Hooks (:func:`record`). A context manager that records the first input or the output of given
 modules on every call, by key::
 
-    with record({"fc1": fc1, "fc2": fc2}, what="input") as seen:
+    with record({"up": up, "down": down}, what="input") as seen:
         family.forward(model, batch)
-    seen["fc1"]  # one tensor per call
+    seen["up"]  # one tensor per call
 """
 
 from __future__ import annotations

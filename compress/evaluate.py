@@ -16,7 +16,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -143,7 +142,7 @@ def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
         "cos_mean": round(float(cos_all.mean()), 6),
         "cos_worst": round(float(cos_all.min()), 6),
         "max_abs": float(f"{max_abs:.6g}"),
-        "samples": int(len(cos_all)),
+        "samples": len(cos_all),
     }
     if n_tok:
         # KL >= 0; a sum of per-token terms that cancel to rounding came out as -3.9e-17
@@ -192,7 +191,7 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, current_rss_mb())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak_mb = current_rss_mb()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -224,73 +223,3 @@ def ort_latency_ms(session, feeds: dict[str, np.ndarray], *, warmup: int = 5, ru
         session.run(None, feeds)
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1e3)
-
-
-class _OrtModel:
-    """Runs an exported graph like a model, for ``squeeze eval model.onnx --ref CKPT``."""
-
-    def __init__(self, path: Path):
-        self.session = ort_session(path)
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.output = self.session.get_outputs()[0].name
-
-    def outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        from squeeze.compress.errors import SqueezeError
-
-        feeds = {}
-        for name in self.inputs:
-            t = batch.get(name)
-            if name == "position_ids" or name.startswith("past_key_values."):  # a KV-cache graph: prefill
-                from squeeze.compress.export_decoder import prefill_feed
-
-                feeds[name] = prefill_feed(self.session, name, batch)
-                continue
-            if t is None and "input_ids" not in batch:
-                raise SqueezeError(f"the graph wants input {name!r}, which the reference's data does not have")
-            feeds[name] = (t if t is not None else torch.zeros_like(batch["input_ids"])).numpy()
-        try:
-            out = self.session.run(None, feeds)[0]
-        except Exception as exc:  # ORT's own exception types: the graph does not fit these inputs
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SqueezeError(f"the graph failed on the reference's inputs ({msg[:200]})") from None
-        return {self.output: torch.from_numpy(out).float()}
-
-
-def evaluate_against(model_ref: str, reference, spec, *, load: Callable[[str], Any]) -> dict[str, float]:
-    """Fidelity of a checkpoint folder (read with ``load``, e.g. ``run.load``) or an ``.onnx`` graph
-    against a reference checkpoint."""
-    from squeeze.compress.calibration import batches
-    from squeeze.compress.errors import SqueezeError
-
-    path = Path(model_ref)
-    other = None
-    if path.suffix == ".onnx":
-        if path.is_dir():
-            raise SqueezeError(f"{path}: is a folder, not an .onnx file")
-        if not path.is_file():
-            raise SqueezeError(f"{path}: no such file")
-        try:
-            runner = _OrtModel(path)
-        except Exception as exc:  # ORT's own exception types
-            raise SqueezeError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    else:
-        other = load(model_ref)
-        if other.family.name != reference.family.name:
-            raise SqueezeError(f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model")
-    # A data file given to eval is all evaluation data (it used to keep only its last quarter: 10 of
-    # 40 labelled rows); the built-in corpus keeps its held-apart part.
-    split = "eval" if spec.source in ("builtin", "synthetic") else "all"
-    data = batches(reference, spec, split=split)
-    ref = reference_outputs(reference.model, reference.family, data)
-    if other is None:
-        new = Reference(family=reference.family, outputs=[runner.outputs(b) for b in data], batches=data)
-        name = next(iter(ref.outputs[0]))
-        if runner.output != name:
-            raise SqueezeError(f"{path}: graph output {runner.output!r} is not the reference's {name!r}")
-    else:
-        try:
-            new = reference_outputs(other.model, other.family, data)
-        except IndexError:  # an embedding lookup past the end: the reference's tokens are not its tokens
-            raise SqueezeError(f"{model_ref}: the reference's token ids are outside its vocabulary "
-                               "(not a compressed version of the reference)") from None
-    return compare_outputs(ref, new)

@@ -57,9 +57,9 @@ from squeeze.compress.export_decoder import (
     validate_generation,
 )
 from squeeze.compress.export_graph import FUSABLE, fuse, save, share_tied_weights, to_fp16
+from squeeze.compress.passes.quantize.onnx_check import check as quant_check
+from squeeze.compress.passes.quantize.onnx_check import validation_rule
 from squeeze.compress.paths import check_output
-from squeeze.compress.quant.onnx_check import check as quant_check
-from squeeze.compress.quant.onnx_check import validation_rule
 
 DTYPES = ("fp32", "fp16")
 WEIGHTS = ("int4", "int8")
@@ -244,7 +244,7 @@ def _export(
     registry = None
     if weights is not None:
         from squeeze.compress.export_nbits import float_twin
-        from squeeze.compress.quant.modules import QuantLinear
+        from squeeze.compress.passes.quantize.modules import QuantLinear
 
         model, registry = float_twin(model, ckpt.family, bits=int(weights[3:]), block_size=block_size)
         if any(isinstance(m, QuantLinear) for m in model.modules()):

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from squeeze.compress.families import Family
-from squeeze.compress.quant.uniform import Grid, params_from_range, quantize
+from squeeze.compress.passes.quantize.uniform import Grid, params_from_range, quantize
 
 MS = "com.microsoft"
 
@@ -86,7 +86,7 @@ def float_twin(model: nn.Module, family: Family, *, bits: int, block_size: int) 
     (a head tied to its table shares the table's codes). Weights whose input width does not
     divide into blocks stay float.
     """
-    from squeeze.compress.quant.modules import QuantLinear
+    from squeeze.compress.passes.quantize.modules import QuantLinear
 
     twin = copy.deepcopy(model)
     registry: dict[str, tuple[str, Packed]] = {}

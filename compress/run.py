@@ -34,7 +34,7 @@ from squeeze.compress import dtypes
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.checkpoint import Checkpoint, save
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.evaluate import evaluate_against
+from squeeze.compress.eval_graph import evaluate_against
 from squeeze.compress.passes import MultiModelConfig, Pass, PassConfig, PassContext, get_pass, pass_for, replay_edit
 from squeeze.compress.passes.base import ProgressFn
 from squeeze.compress.passes.execute import preview, run_pass

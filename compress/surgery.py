@@ -17,7 +17,7 @@
 
 Example::
 
-    old = replace_module(layer, "mlp.fc1", as_linear(get_module(layer, "mlp.fc1")))
+    old = replace_module(block, "proj", as_linear(get_module(block, "proj")))
     fold_into_norm(norm, r, delta)
     w, b = fold_into_consumer(linear_weight(fc), fc.bias, r, delta)
 """

@@ -246,7 +246,7 @@ from squeeze.compress import checkpoint as ck  # noqa: E402
 from squeeze.compress.evaluate import model_outputs  # noqa: E402
 from squeeze.compress.passes import run_pass  # noqa: E402
 from squeeze.compress.passes.distill import DistillPass, layer_map_from_edits  # noqa: E402
-from squeeze.compress.passes.drop import PrunePass  # noqa: E402
+from squeeze.compress.passes.prune import PrunePass  # noqa: E402
 
 QUICK = {"steps": 3, "samples": 32, "seq_len": 16, "batch_size": 8, "lr": 1e-3, "save_every": 0}
 

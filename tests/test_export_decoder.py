@@ -17,7 +17,7 @@ from squeeze.compress.export import compare
 from squeeze.compress.export_decoder import cache_layout, prompts, validate_generation
 from squeeze.compress.export_folder import export_model
 from squeeze.compress.passes import PassContext, run_pass
-from squeeze.compress.passes.drop import PrunePass
+from squeeze.compress.passes.prune import PrunePass
 
 SPEC = DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4)
 

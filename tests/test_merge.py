@@ -18,7 +18,7 @@ from squeeze.compress.checkpoint import load
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.passes import PassContext, get_pass, run_pass
-from squeeze.compress.passes.logit_merge import HEADLESS_NOTE, MergeConfig, MergedModel
+from squeeze.compress.passes.merge import HEADLESS_NOTE, MergeConfig, MergedModel
 
 FAMILIES = ("bert", "vit", "llama", "gpt2")
 # Three experts with weights (1, 2, 1)/4 against the same sum computed in float64: measured

@@ -23,7 +23,7 @@ from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.families import family_for
 from squeeze.compress.passes import REGISTRY, Edit, PassContext, run_pass
-from squeeze.compress.passes.drop import (POST_LN_KEEP_NORM, Plan, PruneConfig, PrunePass, layer_scores, rank_joint,
+from squeeze.compress.passes.prune import (POST_LN_KEEP_NORM, Plan, PruneConfig, PrunePass, layer_scores, rank_joint,
                                           to_indices, to_mask)
 
 SPEC = DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4)

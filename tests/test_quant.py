@@ -18,8 +18,8 @@ from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.families import BERT
 from squeeze.compress.passes import PassContext, run_pass
 from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
-from squeeze.compress.quant import onnx_check
-from squeeze.compress.quant.modules import QuantEmbedding, QuantLinear
+from squeeze.compress.passes.quantize import onnx_check
+from squeeze.compress.passes.quantize.modules import QuantEmbedding, QuantLinear
 
 
 

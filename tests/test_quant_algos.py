@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from squeeze.compress.quant import dual_clip, reparam, uniform
-from squeeze.compress.quant.gptq import gptq, hessian
-from squeeze.compress.quant.modules import ChannelAffine
-from squeeze.compress.quant.uniform import Grid
+from squeeze.compress.passes.quantize import dual_clip, reparam, uniform
+from squeeze.compress.passes.quantize.gptq import gptq, hessian
+from squeeze.compress.passes.quantize.modules import ChannelAffine
+from squeeze.compress.passes.quantize.uniform import Grid
 from squeeze.kernels.logsqrt2_softmax import (logsqrt2_codes, logsqrt2_dequantize, logsqrt2_dequantize_shift,
                                               logsqrt2_matmul_shift, search_scale)
 

@@ -20,17 +20,17 @@ from squeeze.compress.passes.base import (
     PassResult,
 )
 from squeeze.compress.passes.distill import DistillPass
-from squeeze.compress.passes.drop import PrunePass
 from squeeze.compress.passes.execute import run_pass
 from squeeze.compress.passes.factorize import FactorizePass
 from squeeze.compress.passes.fuse import FusePass
-from squeeze.compress.passes.logit_merge import LogitMerge
+from squeeze.compress.passes.merge import MergePass
+from squeeze.compress.passes.prune import PrunePass
 from squeeze.compress.passes.quantize import QuantizePass
 from squeeze.compress.passes.reparam.reparam import ReparamPass
 
 REGISTRY: dict[str, type[Pass]] = {
     "prune": PrunePass,
-    "merge": LogitMerge,
+    "merge": MergePass,
     "quantize": QuantizePass,
     "distill": DistillPass,
     "reparam": ReparamPass,

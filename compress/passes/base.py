@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from squeeze.compress.families import Family
@@ -118,6 +118,11 @@ class Edit(BaseModel):
     pass_name: str = Field(alias="pass")
     config: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("result", mode="before")
+    @classmethod
+    def _typed_result(cls, v: Any) -> Any:
+        return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

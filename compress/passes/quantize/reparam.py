@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from squeeze.compress.quant.uniform import Grid, params_from_range
+from squeeze.compress.passes.quantize.uniform import Grid, params_from_range
 from squeeze.compress.surgery import fold_into_consumer, fold_into_norm
 
 __all__ = ["Reparam", "fold_into_consumer", "fold_into_norm", "from_channel_ranges", "smoothing"]

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import squeeze.kernels.registry  # noqa: F401  (registers the torch.ops.squeeze operators)
+from squeeze.compress.passes.quantize.uniform import Grid, minmax_range, params_from_range, search_range
 from squeeze.kernels.logsqrt2_softmax import search_scale
-from squeeze.compress.quant.uniform import Grid, params_from_range, search_range, minmax_range
 
 NAME = "squeeze_quant"
 CHILD = "squeeze_quant"  # attribute name of the AttnQuant child on the attention module

@@ -23,11 +23,11 @@ from torch import nn
 from squeeze.compress.calibration import Batch
 from squeeze.compress.capture import Layerwise, record
 from squeeze.compress.families import Family
-from squeeze.compress.quant import attention as qattn
-from squeeze.compress.quant import groups as G
-from squeeze.compress.quant import reparam
-from squeeze.compress.quant.modules import ChannelAffine, QuantEmbedding, QuantLinear
-from squeeze.compress.quant.uniform import Grid, minmax_range, params_from_range, quantize
+from squeeze.compress.passes.quantize import attention as qattn
+from squeeze.compress.passes.quantize import groups as G
+from squeeze.compress.passes.quantize import reparam
+from squeeze.compress.passes.quantize.modules import ChannelAffine, QuantEmbedding, QuantLinear
+from squeeze.compress.passes.quantize.uniform import Grid, minmax_range, params_from_range, quantize
 
 log = logging.getLogger(__name__)
 

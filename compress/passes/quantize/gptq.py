@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from squeeze.compress.quant.uniform import Grid, expand_blocks
+from squeeze.compress.passes.quantize.uniform import Grid, expand_blocks
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:

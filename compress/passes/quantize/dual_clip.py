@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from squeeze.compress.quant.uniform import Grid, search_range
+from squeeze.compress.passes.quantize.uniform import Grid, search_range
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:

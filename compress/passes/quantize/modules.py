@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 import squeeze.kernels.registry  # noqa: F401  (registers the torch.ops.squeeze operators)
+from squeeze.compress.passes.quantize.uniform import weight_grid
 from squeeze.kernels import dynamic_qlinear, quant_dequant
-from squeeze.compress.quant.uniform import weight_grid
 from squeeze.kernels.dequant_linear import dequantize_weight
 
 ActMode = Literal["dynamic", "static", "block", "none"]

@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
-from squeeze.compress.passes.base import Edit, ExportRule, Pass, PassConfig, PassContext
+from squeeze.compress.passes.base import Edit, ExportRule, Pass, PassConfig, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class QuantizeConfig(PassConfig):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "QuantizeConfig":
+    def _consistent(self) -> QuantizeConfig:
         if self.activations == "dynamic" and self.w_bits > 8:
             raise ValueError("dynamic activations run ORT's int8 kernels: weights must be int8 or fewer bits")
         if self.activations == "dynamic" and self.method == "bct":
@@ -139,16 +139,43 @@ def family_notes(family: Family, cfg: QuantizeConfig, model: nn.Module) -> tuple
     return warn, notes
 
 
+class QuantizeResult(PassResult):
+    """The manifest result of ``quantize``: the spec of every quantized linear (layer -> key ->
+    spec), of every quantized embedding table, and the quantized attention layers (static)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    linears: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    embeddings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    attention: dict[str, Any] | None = None
+
+    def summary(self) -> list[str]:
+        n_lin = sum(len(v) for v in self.linears.values())
+        return [f"{n_lin} linears, {len(self.embeddings)} embedding tables quantized"]
+
+
 class QuantizePass(Pass):
     name: ClassVar[str] = "quantize"
     Config: ClassVar[type[PassConfig]] = QuantizeConfig
+    Result: ClassVar[type[PassResult]] = QuantizeResult
+
+    def summary(self, result: PassResult | dict[str, Any]) -> list[str]:
+        """The scheme (from the typed config), then the result's counts."""
+        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        res = result if isinstance(result, QuantizeResult) else QuantizeResult.model_validate(result)
+        gptq = "GPTQ" if cfg.gptq and cfg.method == "repquant" else "round to nearest"
+        act = cfg.act_mode + (f" int{cfg.a_bits}" if cfg.static else "")
+        return [f"weights int{cfg.w_bits} ({gptq}), activations {act}, method {cfg.method}: {res.summary()[0]}"]
     needs_calibration: ClassVar[bool] = True
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
-        from squeeze.compress.quant.modules import QuantEmbedding, QuantLinear
+        from squeeze.compress.passes.quantize.modules import QuantEmbedding, QuantLinear
 
         if family.name not in SUPPORTED:
             raise SqueezeError(f"quantize supports the {', '.join(SUPPORTED)} families, not {family.name!r}")
+        if self.config.static and not family.attention_interface:
+            raise SqueezeError(f"static activations quantize attention through transformers' AttentionInterface, which "
+                               f"{family.name} does not use: choose --activations dynamic or none")
         for model in models or []:
             if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
                 raise SqueezeError("this checkpoint is already quantized; quantize the float checkpoint instead")
@@ -169,7 +196,7 @@ class QuantizePass(Pass):
             raise SqueezeError("static activation quantization needs real text, but this checkpoint has no tokenizer")
 
     def scheme(self, seed: int = 0):
-        from squeeze.compress.quant.engine import Scheme
+        from squeeze.compress.passes.quantize.engine import Scheme
 
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         softmax = cfg.softmax
@@ -180,7 +207,7 @@ class QuantizePass(Pass):
                       clip_steps=cfg.clip_steps, alphas=cfg.alphas, softmax=softmax, seed=seed)
 
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
-        from squeeze.compress.quant.engine import quantize_model
+        from squeeze.compress.passes.quantize.engine import quantize_model
 
         model = models[0]  # a copy (run_pass), checked once before any work
         scheme = self.scheme(ctx.seed)
@@ -192,7 +219,7 @@ class QuantizePass(Pass):
         with torch.enable_grad():  # the clipping bounds are learned
             result, metrics = quantize_model(model, ctx.family, batches, scheme, step=ctx.step)
         n_lin = sum(len(v) for v in result["linears"].values())
-        ctx.result.update(result)
+        ctx.result = QuantizeResult(**result)
         ctx.metrics.update({
             "scheme": {"weights": scheme.w_bits, "activations": scheme.act, "activation_bits": scheme.a_bits,
                        "method": scheme.method, "gptq": scheme.gptq, "softmax": scheme.softmax if self.config.static else None},
@@ -205,12 +232,12 @@ class QuantizePass(Pass):
 
     def export_rule(self, edit: Edit) -> ExportRule:
         """Cosine and relative max error against the PyTorch twin (one rounding flip cascades)."""
-        from squeeze.compress.quant.onnx_check import rule_for
+        from squeeze.compress.passes.quantize.onnx_check import rule_for
 
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         return ExportRule(**rule_for(cfg.w_bits, cfg.activations, cfg.a_bits))
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
-        from squeeze.compress.quant.engine import rebuild
+        from squeeze.compress.passes.quantize.engine import rebuild
 
-        return rebuild(model, family, edit.result)
+        return rebuild(model, family, self.result_of(edit).model_dump())

@@ -1,4 +1,6 @@
-"""Post-training quantization machinery behind the ``quantize`` pass (``passes/quantize.py``).
+"""``quantize``: post-training quantization (RepQuant / RepQ-ViT, BCT, plain baselines).
+
+quantize.py    QuantizeConfig, QuantizeResult, QuantizePass (checks, scheme, export rule, replay)
 
 uniform.py     uniform quantizers and the percentile / MSE range search
 dual_clip.py   RepQuant's learned per-channel dual clipping
@@ -10,3 +12,7 @@ modules.py     QuantLinear, ChannelAffine, QuantEmbedding: what the checkpoint s
 engine.py      the layer-by-layer procedure and its replay from the manifest
 onnx_check.py  ORT's optimized graph (integer kernels) and the quantized validation rule
 """
+
+from squeeze.compress.passes.quantize.quantize import QuantizeConfig, QuantizePass, QuantizeResult
+
+__all__ = ["QuantizeConfig", "QuantizePass", "QuantizeResult"]

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from squeeze.compress.quant import dual_clip, reparam, uniform
-from squeeze.compress.quant.gptq import gptq, hessian
-from squeeze.compress.quant.uniform import Grid, weight_grid
+from squeeze.compress.passes.quantize import dual_clip, reparam, uniform
+from squeeze.compress.passes.quantize.gptq import gptq, hessian
+from squeeze.compress.passes.quantize.uniform import Grid, weight_grid
 from squeeze.kernels.dynamic_qlinear import dynamic_quantize_u8
 
 

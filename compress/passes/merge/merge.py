@@ -29,18 +29,19 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from transformers.utils import ModelOutput
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for
-from squeeze.compress.passes.base import Edit, MultiModelConfig, Pass, PassConfig, PassContext
-from squeeze.compress.passes.merge_compat import check_compatible, check_models, embeddings_identical
+from squeeze.compress.passes.base import Edit, MultiModelConfig, Pass, PassConfig, PassContext, PassResult
+from squeeze.compress.passes.merge.compat import check_compatible, check_models, embeddings_identical
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ class MergeConfig(MultiModelConfig):
         return v
 
     @model_validator(mode="after")
-    def _check_counts(self) -> "MergeConfig":
+    def _check_counts(self) -> MergeConfig:
         if self.others and self.weights is not None and len(self.weights) != len(self.others) + 1:
             raise ValueError(
                 f"{len(self.weights)} weights for {len(self.others) + 1} experts (this model and {len(self.others)} others)"
@@ -291,11 +292,27 @@ class MergeConfig(MultiModelConfig):
         return self
 
 
-class LogitMerge(Pass):
+class MergeResult(PassResult):
+    """The manifest result of ``merge``: normalised weights, what is averaged, and for every expert
+    after the first its base config, architecture and own squeeze edits (what replay rebuilds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: list[float]
+    output: str = "logits"
+    experts: list[dict[str, Any]] = Field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        return [f"merged {len(self.weights)} experts, weights {', '.join(f'{w:.4g}' for w in self.weights)}, "
+                f"averaging {self.output}"]
+
+
+class MergePass(Pass):
     """Logit-averaging merge: one model whose output is the weighted mean of the experts'."""
 
     name: ClassVar[str] = "merge"
     Config: ClassVar[type[PassConfig]] = MergeConfig
+    Result: ClassVar[type[PassResult]] = MergeResult
     multi_model: ClassVar[bool] = True
     wraps_models: ClassVar[bool] = True
 
@@ -339,7 +356,7 @@ class LogitMerge(Pass):
         records = [_expert_record(m, ckpts[i] if ckpts else None) for i, m in enumerate(models)][1:]
         merged = MergedModel(experts, weights, output=kind).eval()
 
-        ctx.result.update({"weights": merged.merge_weights, "output": kind, "experts": records})
+        ctx.result = MergeResult(weights=merged.merge_weights, output=kind, experts=records)
         ctx.metrics.update({
             "experts": len(models),
             "weights": merged.merge_weights,
@@ -354,7 +371,10 @@ class LogitMerge(Pass):
         return merged
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
-        res = edit.result
-        experts = [model, *(build_expert(r, self.replay) for r in res["experts"])]
-        return MergedModel(experts, res["weights"], output=res.get("output", "logits")).eval()
+        res: MergeResult = self.result_of(edit)  # type: ignore[assignment]
+        experts = [model, *(build_expert(r, self.replay) for r in res.experts)]
+        return MergedModel(experts, res.weights, output=res.output).eval()
+
+
+LogitMerge = MergePass  # the class's former name
 

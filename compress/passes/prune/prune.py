@@ -59,15 +59,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
-from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext
-from squeeze.compress.passes.drop_scores import layer_scores, rank_joint, top_k
+from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassResult
+from squeeze.compress.passes.prune.scores import layer_scores, rank_joint, top_k
 
-__all__ = ["POST_LN_KEEP_NORM", "Plan", "PruneConfig", "PrunePass", "count_of", "layer_scores", "rank_joint",
+__all__ = ["POST_LN_KEEP_NORM", "Plan", "PruneConfig", "PrunePass", "PruneResult", "count_of", "layer_scores", "rank_joint",
            "to_indices", "to_mask", "top_k"]
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class PruneConfig(PassConfig):
         return sorted(v)
 
     @model_validator(mode="after")
-    def _one_mode(self) -> "PruneConfig":
+    def _one_mode(self) -> PruneConfig:
         amounts = [k for k in AMOUNTS if getattr(self, k) is not None]
         lists = [k for k in LISTS if getattr(self, k) is not None]
         if len(amounts) + bool(lists) != 1:
@@ -205,11 +205,32 @@ def count_of(amount: int | float, total: int, what: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class PruneResult(PassResult):
+    """The manifest result of ``prune``: what was dropped, in the original layer numbering (index
+    lists; length-L boolean masks are read too), and the scores from the unpruned model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_layers: int | None = None
+    attention: list[Any] = Field(default_factory=list)
+    mlp: list[Any] = Field(default_factory=list)
+    blocks: list[Any] = Field(default_factory=list)
+    keep_norm: bool | None = None
+    scores: dict[str, list[float | None]] | None = None  # None marks a sublayer an earlier step dropped
+    rounds: list[dict[str, Any]] = Field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        parts = [f"{what} {', '.join(map(str, idx))}" for what, idx in
+                 (("attention", self.attention), ("MLP", self.mlp), ("blocks", self.blocks)) if idx]
+        return [f"dropped {'; '.join(parts) if parts else 'nothing'} of {self.num_layers} layers"]
+
+
 class PrunePass(Pass):
     """Attention / MLP / block / joint dropping by residual-stream similarity (LLM-Drop)."""
 
     name: ClassVar[str] = "prune"
     Config: ClassVar[type[PassConfig]] = PruneConfig
+    Result: ClassVar[type[PassResult]] = PruneResult
     needs_calibration: ClassVar[bool] = True
     config: PruneConfig
 
@@ -361,9 +382,10 @@ class PrunePass(Pass):
         model = models[0].eval()  # run_pass hands the pass a copy: the input checkpoint stays untouched
         plan = self.plan(model, ctx, inplace=True)
         self.apply_plan(model, plan, ctx.family)
-        ctx.result.update(plan.result())
+        result = PruneResult(**plan.result())
+        ctx.result = result
         ctx.metrics.update({"dropped": {"attention": plan.attention, "mlp": plan.mlp, "blocks": plan.blocks},
-                            "scores": ctx.result.get("scores"), "keep_norm": plan.keep_norm})
+                            "scores": result.scores, "keep_norm": plan.keep_norm})
         if plan.rounds:
             ctx.metrics["rounds"] = plan.rounds
         if plan.scores is not None and not (plan.attention or plan.mlp or plan.blocks):
@@ -371,11 +393,11 @@ class PrunePass(Pass):
         return model
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
-        res = edit.result
+        res: PruneResult = self.result_of(edit)  # type: ignore[assignment]
         n = family.num_layers(model)
-        if res.get("num_layers", n) != n:
-            raise SqueezeError(f"prune edit was made on {res['num_layers']} layers, the model has {n}")
-        plan = Plan(num_layers=n, attention=to_indices(res.get("attention"), n, "attention"),
-                    mlp=to_indices(res.get("mlp"), n, "mlp"), blocks=to_indices(res.get("blocks"), n, "blocks"),
-                    keep_norm=res.get("keep_norm"))
+        if res.num_layers is not None and res.num_layers != n:
+            raise SqueezeError(f"prune edit was made on {res.num_layers} layers, the model has {n}")
+        plan = Plan(num_layers=n, attention=to_indices(res.attention, n, "attention"),
+                    mlp=to_indices(res.mlp, n, "mlp"), blocks=to_indices(res.blocks, n, "blocks"),
+                    keep_norm=res.keep_norm)
         return self.apply_plan(model, plan, family)
