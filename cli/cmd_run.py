@@ -22,9 +22,15 @@ def run(
     samples: Optional[int] = typer.Option(None, "--samples", min=1, max=100_000,
                                           help="Cap calibration and evaluation samples of every job (quick runs)."),
     force: bool = typer.Option(False, "--force", help="Run into a folder that holds files squeeze did not write."),
+    executor: str = typer.Option("local", "--executor", help="Where jobs run: local (one after another, here) or ray "
+                                 "(one Ray task per job; -o must be a path every worker sees). Needs squeeze[ray]."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto or HOST:PORT (default: start "
+                                          "Ray on this machine)."),
+    cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="Ray: CPUs each job's task asks for."),
+    memory_per_job: Optional[int] = typer.Option(None, "--memory-per-job", min=1, help="Ray: MB each job's task asks for."),
 ) -> None:
     """Run a recipe's jobs; finished steps are reused; print the ledger and write the report."""
-    from squeeze.compress import pipeline, report
+    from squeeze.compress import executors, pipeline, report
     from squeeze.compress.paths import check_run_output, locked, mark_run_output
     from squeeze.compress.recipe import load_recipe
 
@@ -34,13 +40,15 @@ def run(
         rec = rec.with_samples(samples)
     out = output if output is not None else Path("out") / recipe.stem
     check_run_output(out, pipeline.run_inputs(rec), force=force)  # before any work
+    extra = {"cpus_per_job": cpus_per_job, "memory_mb": memory_per_job} if executor == "ray" else {}
+    runner = executors.make(executor, address, **extra)
     if dry_run:
         _print_plan(pipeline.plan(rec, out), out)
         return
     mark_run_output(out)
     with locked(out):  # a second run on the same -o refuses instead of running every step twice
         with _RichReporter() as rep:
-            results = pipeline.run(rec, out, fresh=fresh, reporter=rep)
+            results = pipeline.run(rec, out, fresh=fresh, reporter=rep, executor=runner)
         data = report.build(results, out, str(recipe), [j.name for j in full.jobs])
         paths = report.write(data, out)
     print_ledger(data)

@@ -41,7 +41,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.checkpoint import Checkpoint, atomic_dir, resolve, squeeze_version, weight_files
@@ -51,6 +51,9 @@ from squeeze.compress.pipeline_steps import (BASELINES_DIR, ONNX_NAME, ORIGINAL_
                                              pass_step, read_step, write_json)
 from squeeze.compress.recipe import EXPORT, JobBase, Recipe, model_refs
 from squeeze.compress.run import load
+
+if TYPE_CHECKING:
+    from squeeze.compress.executors import Executor
 
 log = logging.getLogger(__name__)
 
@@ -178,19 +181,16 @@ def plan(recipe: Recipe, out: str | Path, *, fresh: bool = False) -> list[JobPla
 # --------------------------------------------------------------------------------------------
 
 
-def run(recipe: Recipe, out: str | Path, *, fresh: bool = False, reporter: Reporter | None = None) -> list[JobResult]:
-    """Run every job of a recipe into ``out``; a failing job is recorded and the others still run."""
+def run(recipe: Recipe, out: str | Path, *, fresh: bool = False, reporter: Reporter | None = None,
+        executor: Executor | None = None) -> list[JobResult]:
+    """Run every job of a recipe into ``out``; a failing job is recorded and the others still run.
+    ``executor`` dispatches the jobs (compress/executors.py; default: one after another, here)."""
+    from squeeze.compress.executors import LocalExecutor
+
     out = Path(out)
-    rep = reporter or Reporter()
     plans = plan(recipe, out, fresh=fresh)
     known = {} if fresh else _finished_steps(out)
-    results = []
-    for n, jp in enumerate(plans):
-        rep.job_start(n, len(plans), jp.job)
-        result = _run_job(jp, out, known, rep)
-        results.append(result)
-        rep.job_done(result)
-    return results
+    return (executor or LocalExecutor()).run(plans, out, known, reporter or Reporter(), fresh)
 
 
 def _finished_steps(out: Path) -> dict[str, Path]:
