@@ -17,7 +17,7 @@ merged model carries one cache per expert, numbered expert after expert.
 Validation is what deployment does: a greedy loop in ONNX Runtime (positions from the attention
 mask, left-padded prompts, the cache fed back) must pick the same tokens as transformers'
 ``generate`` for ``new_tokens`` steps, and the logits of every step agree within tolerance (or by
-the quantized rule, see ``compress/quant/onnx_check.py``) up to and including the first step
+the quantized rule, see ``compress/passes/quantize/onnx_check.py``) up to and including the first step
 where the tokens part.
 """
 
