@@ -148,7 +148,7 @@ def test_smollm2_from_its_gguf_loads_as_a_llama_and_generates(tmp_path):
     out = ck.model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0])
     new = apply(ck, {"prune": {"drop_attn": 0.25}}, out=tmp_path / "p", data="builtin")
-    assert len(new.manifest.edits[-1]["result"]["attention"]) == 7  # 25% of 30 layers, rounded down
+    assert len(new.manifest.edits[-1]["result"]["attention"]) == 8  # 25% of 30 layers (7.5), rounded half up
     assert formats.is_refused(tmp_path / "p")
 
 
