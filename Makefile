@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # pytest workers; each worker runs torch single-threaded (tests/conftest.py)
 WORKERS ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench mutate clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -n $(WORKERS) tests
+
+# mutation testing of one algorithm folder (slow; not part of test): make mutate PASS=prune|quantize|kernels|...
+PASS ?= prune
+mutate: setup
+	JOBS=$(WORKERS) tests/mutation/mutate.sh $(PASS)
 
 bench: setup
 	cd benchmarks && for b in bench_*.py; do ../$(BIN)/python $$b || exit 1; done
