@@ -39,6 +39,7 @@ from torch import nn
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 from squeeze.compress.passes.base import Edit, ExportRule, Pass, PassConfig, PassContext, PassResult
+from squeeze.compress.passes.quantize import names
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class QuantizePass(Pass):
         res = result if isinstance(result, QuantizeResult) else QuantizeResult.model_validate(result)
         gptq = "GPTQ" if cfg.gptq and cfg.method == "repquant" else "round to nearest"
         act = cfg.act_mode + (f" int{cfg.a_bits}" if cfg.static else "")
-        return [f"weights int{cfg.w_bits} ({gptq}), activations {act}, method {cfg.method}: {res.summary()[0]}"]
+        ran = names.algorithm(cfg.method, cfg.act_mode, cfg.gptq and cfg.method == "repquant")
+        return [f"weights int{cfg.w_bits} ({gptq}), activations {act}, method {cfg.method} ({ran}): {res.summary()[0]}"]
     needs_calibration: ClassVar[bool] = True
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
@@ -222,7 +224,10 @@ class QuantizePass(Pass):
         ctx.result = QuantizeResult(**result)
         ctx.metrics.update({
             "scheme": {"weights": scheme.w_bits, "activations": scheme.act, "activation_bits": scheme.a_bits,
-                       "method": scheme.method, "gptq": scheme.gptq, "softmax": scheme.softmax if self.config.static else None},
+                       "method": scheme.method, "gptq": scheme.gptq, "softmax": scheme.softmax if self.config.static else None,
+                       # what ran (issue 17): --method repquant with dynamic activations is smoothquant+gptq
+                       "algorithm": names.algorithm(scheme.method, scheme.act, scheme.gptq),
+                       "extensions": names.extensions(scheme.method, scheme.act)},
             "quantized_linears": n_lin,
             "quantized_embeddings": len(result["embeddings"]),
             "notes": notes,
