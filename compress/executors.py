@@ -1,14 +1,15 @@
 """Where a recipe's jobs run: in this process one after another (``local``, the default) or as Ray
 tasks across a cluster (``ray``, the optional extra ``squeeze[ray]``).
 
-Both run the same function on each job (``pipeline._run_job``); only the dispatch differs.
+Both run the function the pipeline hands them on each job (``pipeline._job``); only the dispatch
+differs. This module never imports the pipeline (it sits below it).
 
 **Ray.** Each job (a matrix point is a job) is one Ray task with a CPU and memory request. A task
 writes its steps straight into the run's output folder, which must be a path every worker sees
 (a shared file system). The driver keeps what is local: it plans the steps, holds the output
 folder's lock, receives each job's ledger rows as its task finishes and writes the report.
 
-**Caching, resume, failures.** A task plans its job again when it starts (``refresh``): a task
+**Caching, resume, failures.** A task plans its job again when it starts (``pipeline._job``): a task
 retried after its worker died skips the steps that finished before the crash. A step's folder is
 written as a hidden temporary renamed into place, and its completion mark (``step.json``) is
 written last, so a worker killed mid-step leaves nothing that counts as a finished step; Ray
@@ -19,16 +20,18 @@ retries spent) is recorded as failed with Ray's error, like a job that raised.
 from __future__ import annotations
 
 import importlib.util
-import os
-from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from squeeze.compress.errors import SqueezeError
 
 if TYPE_CHECKING:
     from squeeze.compress.pipeline import JobPlan, JobResult, Reporter
+
+    #: runs one job: with the driver's reporter here, or None in a worker
+    JobFn = Callable[[JobPlan, Reporter | None], JobResult]
+    #: the result of a job whose task failed for good: (plan, error) -> a failed JobResult
+    LostFn = Callable[[JobPlan, str], JobResult]
 
 EXECUTORS = ("local", "ray")
 #: retries of a task whose worker process died (Ray's own default for tasks is 3)
@@ -38,59 +41,43 @@ MAX_RETRIES = 3
 class Executor(Protocol):
     """Runs the planned jobs of a recipe and returns their results in plan order."""
 
-    def run(
-        self, plans: list[JobPlan], out: Path, known: dict[str, Path], rep: Reporter, fresh: bool
-    ) -> list[JobResult]: ...
+    #: whether jobs run in other processes (paths must then be absolute, and on shared storage)
+    remote: bool
+
+    def run(self, plans: list[JobPlan], job: JobFn, lost: LostFn, rep: Reporter) -> list[JobResult]: ...
 
 
 class LocalExecutor:
     """Jobs one after another in this process (steps found finished by an earlier job are copied)."""
 
-    def run(
-        self, plans: list[JobPlan], out: Path, known: dict[str, Path], rep: Reporter, fresh: bool
-    ) -> list[JobResult]:
-        from squeeze.compress.pipeline import _run_job
+    remote = False
 
+    def run(self, plans: list[JobPlan], job: JobFn, lost: LostFn, rep: Reporter) -> list[JobResult]:
         results = []
         for n, jp in enumerate(plans):
             rep.job_start(n, len(plans), jp.job)
-            result = _run_job(jp, out, known, rep)
+            result = job(jp, rep)
             results.append(result)
             rep.job_done(result)
         return results
 
 
-def refresh(jp: JobPlan, fresh: bool) -> JobPlan:
-    """``jp`` with each step's ``done`` read again from its folder (a retried task resumes)."""
-    from squeeze.compress.pipeline_steps import read_step
-
-    if fresh:
-        return jp
-    steps = []
-    for s in jp.steps:
-        row = read_step(s.folder)
-        steps.append(replace(s, done=s.done or (row is not None and row.get("key") == s.key)))
-    return replace(jp, steps=steps)
-
-
-def _job_task(
-    jp: JobPlan, out: str, known: dict[str, str], passes: dict[str, type], threads: int, fresh: bool
-) -> JobResult:
+def _job_task(job: JobFn, jp: JobPlan, passes: dict[str, type], threads: int) -> JobResult:
     """One job on a Ray worker: the driver's passes registered, the driver's torch threads."""
     import torch
 
     from squeeze.compress.passes import REGISTRY
-    from squeeze.compress.pipeline import Reporter, _run_job
 
     REGISTRY.update(passes)  # passes a driver registered at run time (plugins, tests) exist here too
     torch.set_num_threads(threads)  # the same thread count as a local run: the same float results
-    known_paths = {k: Path(v) for k, v in known.items()}
-    return _run_job(refresh(jp, fresh), Path(out), known_paths, Reporter())
+    return job(jp, None)
 
 
 class RayExecutor:
     """Each job a Ray task; ``address`` is ``auto`` (a running cluster), ``HOST:PORT``, or None (a
     Ray instance started in this process with ``num_cpus``)."""
+
+    remote = True
 
     def __init__(
         self,
@@ -123,36 +110,24 @@ class RayExecutor:
                 raise SqueezeError(f"--executor ray: cannot reach a Ray cluster at {self.address}: {exc}") from None
         return ray
 
-    def run(
-        self, plans: list[JobPlan], out: Path, known: dict[str, Path], rep: Reporter, fresh: bool
-    ) -> list[JobResult]:
+    def run(self, plans: list[JobPlan], job: JobFn, lost: LostFn, rep: Reporter) -> list[JobResult]:
         import torch
 
         from squeeze.compress.passes import REGISTRY
-        from squeeze.compress.pipeline import JobResult
 
         ray = self._ray()
         options: dict[str, Any] = {"num_cpus": self.cpus, "max_retries": self.max_retries}
         if self.memory_mb:
             options["memory"] = int(self.memory_mb) << 20
         task = ray.remote(_job_task).options(**options)
-        out_abs = os.path.abspath(out)
-        snapshot = {k: os.path.abspath(v) for k, v in known.items()}
-        passes, threads = dict(REGISTRY), torch.get_num_threads()
-        refs = {task.remote(jp, out_abs, snapshot, passes, threads, fresh): n for n, jp in enumerate(plans)}
+        job_ref, passes = ray.put(job), dict(REGISTRY)  # the job function (with the cache index) sent once
+        refs = {task.remote(job_ref, jp, passes, torch.get_num_threads()): n for n, jp in enumerate(plans)}
         results: list[JobResult | None] = [None] * len(plans)
-        for done, (n, value) in enumerate(self._as_completed(ray, refs)):
+        for finished, (n, value) in enumerate(self._as_completed(ray, refs)):
             jp = plans[n]
-            rep.job_start(done, len(plans), jp.job)
+            rep.job_start(finished, len(plans), jp.job)
             if isinstance(value, BaseException):  # the task itself failed (its retries spent)
-                value = JobResult(
-                    job=jp.job.name,
-                    model=jp.job.model,
-                    point=dict(jp.job.point),
-                    status="failed",
-                    error=f"ray: {type(value).__name__}: {str(value).splitlines()[0]}",
-                    failed_step=0,
-                )
+                value = lost(jp, f"ray: {type(value).__name__}: {(str(value).splitlines() or [''])[0]}")
             for row in value.rows[1:]:  # the worker's steps, replayed for the progress display
                 rep.step_start(jp.job, row["step"], len(jp.steps), row["pass"], bool(row.get("cached")))
                 rep.step_done(jp.job, row)

@@ -33,6 +33,8 @@ the next job runs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -187,10 +189,27 @@ def run(recipe: Recipe, out: str | Path, *, fresh: bool = False, reporter: Repor
     ``executor`` dispatches the jobs (compress/executors.py; default: one after another, here)."""
     from squeeze.compress.executors import LocalExecutor
 
-    out = Path(out)
+    executor = executor or LocalExecutor()
+    out = Path(out).absolute() if executor.remote else Path(out)  # a worker's cwd is not ours
     plans = plan(recipe, out, fresh=fresh)
     known = {} if fresh else _finished_steps(out)
-    return (executor or LocalExecutor()).run(plans, out, known, reporter or Reporter(), fresh)
+    job = functools.partial(_job, out=out, known=known, fresh=fresh)
+    return executor.run(plans, job, _lost, reporter or Reporter())
+
+
+def _job(jp: JobPlan, rep: Reporter | None, *, out: Path, known: dict[str, Path], fresh: bool) -> JobResult:
+    """One job, here (``rep``) or in a worker (None: its task may be a retry, so the job is planned
+    again and the steps a dead worker finished are skipped)."""
+    if rep is None:
+        done = [not fresh and (r := read_step(s.folder)) is not None and r.get("key") == s.key for s in jp.steps]
+        jp = dataclasses.replace(jp, steps=[dataclasses.replace(s, done=d) for s, d in zip(jp.steps, done)])
+    return _run_job(jp, out, known, rep or Reporter())
+
+
+def _lost(jp: JobPlan, error: str) -> JobResult:
+    """A job whose worker was lost for good (the executor's retries spent)."""
+    return JobResult(job=jp.job.name, model=jp.job.model, point=dict(jp.job.point), status="failed", error=error,
+                     failed_step=0)
 
 
 def _finished_steps(out: Path) -> dict[str, Path]:
