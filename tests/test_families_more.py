@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_more import MORE, build_tiny_more, make_tiny_more
 
+from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import family_for, model_class
 from squeeze.compress.run import apply, load
 
@@ -81,3 +82,9 @@ def test_prune_quantize_export_and_exact_reload(tmp_path, more_dirs, name):
     assert quant.manifest.ledger[-1]["fidelity"]["cos_mean"] > 0.98  # measured 0.9999+ (int8 per channel)
     report = export_onnx(back, tmp_path / "q.onnx", latency=False)
     assert report["validation"] and all(c.get("ok", True) for c in report["validation"])
+
+
+def test_mpnet_static_activations_are_refused_before_any_work(tmp_path, more_dirs):
+    with pytest.raises(SqueezeError, match="AttentionInterface"):
+        apply(more_dirs["mpnet"], {"quantize": {"activations": "int8"}}, out=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
