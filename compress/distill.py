@@ -362,7 +362,7 @@ def distill(
     kept = [(s, round(v, 6)) for s, v in curve[::every]]
     if curve and kept[-1][0] != curve[-1][0]:
         kept.append((curve[-1][0], round(curve[-1][1], 6)))
-    what = "predicate" if trainable is not None else cfg.trainable
+    what: str = "predicate" if trainable is not None else cfg.trainable
     if cfg.train_layers is not None:
         what += f" in layers {cfg.train_layers}"
     result = DistillResult(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 
 Batch = dict[str, torch.Tensor]
@@ -97,6 +98,8 @@ def model_targets(
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).float()
     if logits is not None:
         return Targets(logits, "logits", hidden, captured["layers"] or None, mask)
+    if last is None or mask is None:
+        raise SqueezeError(f"{type(model).__name__}: output has neither logits nor last_hidden_state to distill")
     if family.modality == "vision":
         pooled = last[:, 0]
     else:

@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 3, 4, 5
 
 def experts(model: nn.Module) -> list[nn.Module]:
     """The models that keep a cache: the experts of a merged model, else the model itself."""
-    return list(model.experts) if getattr(model, "is_merged", False) else [model]
+    return list(cast(nn.ModuleList, model.experts)) if getattr(model, "is_merged", False) else [model]
 
 
 def resolve_task(task: str | None, ckpt: Checkpoint) -> str:
@@ -157,7 +157,8 @@ def export_with_past(model: nn.Module, path: Path, *, opset: int, dtype: torch.d
     wrapper = DecoderWithPast(model, layout).eval()
     gen = torch.Generator().manual_seed(0)
     b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
-    vocab = int(model.config.vocab_size)
+    config: Any = model.config  # a transformers config: its attributes depend on the model
+    vocab = int(config.vocab_size)
     ids = torch.randint(vocab // 4, vocab, (b, s), generator=gen)
     mask = torch.ones(b, p + s, dtype=torch.long)
     pos = torch.arange(p, p + s).expand(b, s).contiguous()
@@ -213,19 +214,20 @@ def prompts(ckpt: Checkpoint, length: int, data: DataSpec | None = None) -> tupl
 def torch_greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int, pad: int):
     """transformers' ``generate`` (greedy, no early stop): new tokens and each step's logits
     (None for a merged model, whose own ``generate`` returns tokens only)."""
+    lm: Any = model  # a transformers generation model, or a merged one: generate / generation_config
     if getattr(model, "is_merged", False):
-        out = model.generate(ids, mask, max_new_tokens=new, eos_token_id=[], pad_token_id=pad)
+        out = lm.generate(ids, mask, max_new_tokens=new, eos_token_id=[], pad_token_id=pad)
         return out[:, ids.shape[1] :], None
     from transformers import GenerationConfig
 
     # generate fills unset fields from the model's own generation config (its end-of-sequence token
     # would stop a row, or with min_new_tokens mask that token's logit): swap in a config without one
-    saved = model.generation_config
-    model.generation_config = GenerationConfig(
+    saved = lm.generation_config
+    lm.generation_config = GenerationConfig(
         do_sample=False, max_new_tokens=new, pad_token_id=pad, output_logits=True, return_dict_in_generate=True
     )
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask)
+        out = lm.generate(input_ids=ids, attention_mask=mask)
     finally:
         model.generation_config = saved
     return out.sequences[:, ids.shape[1] :], [x.float() for x in out.logits]

@@ -82,8 +82,8 @@ def share_tied_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             keep.append(init)
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    nodes = []
-    rename = {}
+    nodes: list[onnx.NodeProto] = []
+    rename: dict[str, str] = {}
     for dropped, (kept, how) in replace.items():
         if how == "same":
             rename[dropped] = kept

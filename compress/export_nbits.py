@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,6 +28,9 @@ from torch import nn
 
 from squeeze.compress.families import Family
 from squeeze.compress.passes.quantize.uniform import Grid, params_from_range, quantize
+
+if TYPE_CHECKING:
+    from squeeze.compress.passes.quantize.modules import QuantLinear
 
 MS = "com.microsoft"
 
@@ -57,7 +61,7 @@ def round_to_nearest(w: torch.Tensor, bits: int, block: int) -> Packed:
     return Packed(codes.reshape(rows, k).to(torch.uint8), scale, zero.to(torch.uint8), bits, block)
 
 
-def from_quant_linear(mod: nn.Module, bits: int, block: int) -> Packed | None:
+def from_quant_linear(mod: QuantLinear, bits: int, block: int) -> Packed | None:
     """The codes of a weight-only ``QuantLinear`` re-blocked to ``block``; None when they do not fit."""
     if getattr(mod, "act", None) != "none" or mod.w_bits > bits:
         return None
@@ -179,6 +183,7 @@ def rewrite(model: onnx.ModelProto, registry: dict) -> tuple[onnx.ModelProto, di
         if entry is None or entry[0] != ("gather" if node.op_type == "Gather" else "matmul"):
             nodes.append(node)
             continue
+        assert const is not None  # an entry is only looked up for a constant
         p: Packed = entry[1]
         rows, k = p.codes.shape
         nb = k // p.block

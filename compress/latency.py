@@ -52,7 +52,8 @@ def measure(
     from squeeze.compress.errors import SqueezeError
 
     with tempfile.TemporaryDirectory(prefix="squeeze-latency-") as tmp:
-        np.savez(Path(tmp) / "feeds.npz", **{k: np.asarray(v) for k, v in feeds.items()})
+        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in feeds.items()}
+        np.savez(Path(tmp) / "feeds.npz", **arrays)
         args = {"graph": str(graph), "reference": str(reference) if reference else None,
                 "feeds": str(Path(tmp) / "feeds.npz"), "rounds": rounds, "runs": runs, "warmup": warmup,
                 "threads": threads}

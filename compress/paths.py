@@ -178,7 +178,7 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale(target: Path) -> list[Path]:
     """Remove ``.<name>.tmp-<pid>`` / ``.old-<pid>`` siblings of ``target`` left by dead processes."""
-    removed = []
+    removed: list[Path] = []
     if not target.parent.is_dir():
         return removed
     for item in target.parent.iterdir():

@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -62,7 +64,7 @@ def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 def replace_module(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
     """Swap the module at ``path`` for ``module`` on the old one's device and floating dtype; return the old."""
     old = get_module(root, path)
-    ref = next(iter(old.parameters()), None)
+    ref: torch.Tensor | None = next(iter(old.parameters()), None)
     if ref is None:
         ref = next(iter(old.buffers()), None)
     if ref is not None:
@@ -106,7 +108,7 @@ def as_linear(module: nn.Module) -> nn.Linear:
     with torch.no_grad():
         lin.weight.copy_(w)
         if module.bias is not None:
-            lin.bias.copy_(module.bias)
+            lin.bias.copy_(cast(torch.Tensor, module.bias))
     return lin
 
 
@@ -115,7 +117,7 @@ def fold_into_norm(norm: nn.Module, r: torch.Tensor, delta: torch.Tensor) -> Non
     ``beta' = beta / r - delta``, in place. A norm without a bias (RMSNorm) accepts only
     ``delta == 0``."""
     with torch.no_grad():
-        norm.weight.div_(r)
+        cast(torch.Tensor, norm.weight).div_(r)
         bias = getattr(norm, "bias", None)
         if bias is not None:
             bias.div_(r).sub_(delta)
@@ -177,18 +179,18 @@ def fold_linear_reader(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> n
     """Fold ``a * x + b`` into the Linear / Conv1D that reads it; returns the module to use (a new
     biased Linear when the old one had no bias)."""
     module = with_bias(module)
-    w, bias = fold_into_reader(linear_weight(module), module.bias, a, b)
+    w, bias = fold_into_reader(linear_weight(module), cast(torch.Tensor | None, module.bias), a, b)
     set_linear_weight(module, w)
     with torch.no_grad():
-        module.bias.copy_(bias)
+        cast(torch.Tensor, module.bias).copy_(bias)
     return module
 
 
 def fold_linear_writer(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
     """Fold ``a * y + b`` into the Linear / Conv1D that writes ``y``; returns the module to use."""
     module = with_bias(module)
-    w, bias = fold_into_writer(linear_weight(module), module.bias, a, b)
+    w, bias = fold_into_writer(linear_weight(module), cast(torch.Tensor | None, module.bias), a, b)
     set_linear_weight(module, w)
     with torch.no_grad():
-        module.bias.copy_(bias)
+        cast(torch.Tensor, module.bias).copy_(bias)
     return module

@@ -89,9 +89,9 @@ def finalize_onnx(model: onnx.ModelProto, *, plain: bool = False) -> onnx.ModelP
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     if plain:
-        import onnx.inliner
+        from onnx import inliner  # (``import onnx.inliner`` here would make ``onnx`` local to the function)
 
-        model = onnx.inliner.inline_local_functions(model)
+        model = inliner.inline_local_functions(model)
         del model.functions[:]
         keep = [o for o in model.opset_import if o.domain != DOMAIN]
         del model.opset_import[:]
@@ -132,7 +132,8 @@ def onnx_model_for(kernel: Kernel, args: tuple, opset: int = 18, plain: bool = F
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), torchscript_symbolics(opset):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), buf, input_names=["x"], output_names=["y"], dynamic_axes=dyn,
+        # torch's stub types f as a path only; export writes to a file object as well
+        torch.onnx.export(module, (x,), buf, input_names=["x"], output_names=["y"], dynamic_axes=dyn,  # type: ignore[arg-type]
                           opset_version=opset, dynamo=False)
     model = finalize_onnx(onnx.load_from_string(buf.getvalue()), plain=plain)
     onnx.checker.check_model(model)

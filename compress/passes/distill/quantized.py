@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ def quantized_linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "w_scale") and hasattr(m, "act")]
 
 
-def _ste_forward(mod: nn.Module):
+def _ste_forward(mod: Any):  # a QuantLinear, duck-typed like quantized_linears
     def forward(x: torch.Tensor) -> torch.Tensor:
         if mod.affine is not None:
             x = mod.affine(x)
@@ -48,7 +49,7 @@ def _ste_forward(mod: nn.Module):
 def trainable_scales(model: nn.Module) -> Iterator[int]:
     """Make every quantized linear's ``w_scale`` a trainable parameter with an STE forward;
     restore buffers and forwards on exit. Yields the number of quantized linears."""
-    mods = quantized_linears(model)
+    mods: list[Any] = quantized_linears(model)  # QuantLinears, duck-typed
     for m in mods:
         scale = m._buffers.pop("w_scale")
         m.w_scale = nn.Parameter(scale.detach().clone())

@@ -31,6 +31,8 @@ class DSLinear(nn.Module):
         bias: whether the layer has a bias.
     """
 
+    indices: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(
         self,
         in_features: int,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -161,7 +161,7 @@ class FactorizePass(Pass):
     needs_calibration: ClassVar[bool] = True
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
-        cfg: FactorizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(FactorizeConfig, self.config)
         if family.name not in SUPPORTED:
             raise SqueezeError(f"factorize supports the {', '.join(SUPPORTED)} families, not {family.name!r}")
         for model in models or []:
@@ -175,7 +175,7 @@ class FactorizePass(Pass):
                 raise SqueezeError(f"--layers {max(cfg.layers)} is out of range ({family.num_layers(model)} layers)")
 
     def plan(self, out_f: int, in_f: int) -> tuple[int, int]:
-        cfg: FactorizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(FactorizeConfig, self.config)
         ratio = cfg.budget_ratio
         if ratio is not None:
             return choose(out_f, in_f, ratio, cfg.density, pattern=cfg.pattern, m=cfg.nm_group)
@@ -184,7 +184,7 @@ class FactorizePass(Pass):
         return k, s
 
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
-        cfg: FactorizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(FactorizeConfig, self.config)
         family = ctx.family
         self.check(family, models)
         model = models[0]
@@ -196,7 +196,7 @@ class FactorizePass(Pass):
             out_f, in_f = w.shape
             k, s = self.plan(out_f, in_f)
             f, errs = factorize(w, k, s, iters=cfg.iters, coder=cfg.coder, pattern=cfg.pattern, m=cfg.nm_group)
-            bias = mod.bias.detach() if mod.bias is not None else None
+            bias = cast(torch.Tensor, mod.bias).detach() if mod.bias is not None else None
             ds = DSLinear.from_factors(f, bias, dtype=w.dtype)
             family.set_linear(family.layers(model)[i], key, ds)
             elem = w.element_size()

@@ -13,7 +13,7 @@ plus, with ``loss="layers"``, every layer's hidden state against the same teache
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -68,7 +68,9 @@ def _run(
 
 def train_stf(model: nn.Module, teacher: nn.Module, data: list, cfg, ctx: PassContext) -> dict[str, Any]:
     """STF: distill with projected latents; leaves DSLinears holding the final projections."""
-    stf = _swap(model, DSLinear, lambda m: STFLinear(m.factors(), m.bias, steps=cfg.project_steps))
+    stf = cast(
+        list[STFLinear], _swap(model, DSLinear, lambda m: STFLinear(m.factors(), m.bias, steps=cfg.project_steps))
+    )
     before = [m.f.indices.clone() for m in stf]
     res = _run(model, teacher, ctx, data, cfg, cfg.stf_steps, cfg.stf_lr, _owned(stf), ctx.seed)
     moved = sum(int((m.f.indices != b).sum()) for m, b in zip(stf, before, strict=True))

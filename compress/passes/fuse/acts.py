@@ -8,6 +8,8 @@ the centre patches; squeeze keeps every token, evenly thinned to ``max_tokens``)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ def capture(
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in taps}
     for batch in batches:
         with record(modules["input"], what="input") as ins, record(modules["output"], what="output") as outs:
-            kwargs = {k: v for k, v in batch.items() if k != "labels"}
+            kwargs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
             if family.causal:
                 kwargs["use_cache"] = False
             model(**kwargs, return_dict=True)

@@ -174,10 +174,12 @@ class Aligner:
     # ---------------- moving tensors ----------------
 
     def plan_for(self, space: str, ax: Axis) -> torch.Tensor:
+        plan: torch.Tensor | None
         if space == "residual":
             plan = self.plans[("residual", str(ax.stage))]
         else:
             plan = self.plans.get((space, ax.part), self.plans.get((space, "all")))
+            assert plan is not None, f"no {space} plan for {ax.part}"
         return columns(plan) if ax.io == "out" else plan
 
     @staticmethod

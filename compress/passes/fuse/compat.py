@@ -10,6 +10,8 @@ before compressing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
@@ -17,7 +19,7 @@ from squeeze.compress.families import Family, family_for, image_size
 
 
 def _facts(model: nn.Module, family: Family) -> list[tuple[str, object]]:
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config: its attributes depend on the model
     facts: list[tuple[str, object]] = [
         ("family", family.name),
         ("architecture", type(model).__name__),

@@ -14,7 +14,7 @@ mean of their logits) on the calibration data.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import ConfigDict, Field, field_validator
@@ -188,7 +188,7 @@ class FusePass(Pass):
         differs = _shapes(anchor) != _shapes(first) or type(anchor) is not type(first)
         result = FuseResult(
             models=n, anchor=anchor_i, weights=weights, solver=cfg.solver, cost=cfg.cost,
-            config=anchor.config.to_dict() if differs else None,
+            config=cast(Any, anchor.config).to_dict() if differs else None,
             architecture=type(anchor).__name__ if differs else None,
             plan_sharpness=round(sum(sharp) / max(len(sharp), 1), 4) if sharp else 1.0,
             finetune=finetune,

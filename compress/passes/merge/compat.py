@@ -41,7 +41,7 @@ def _name(i: int, names: list[str] | None) -> str:
 
 
 def _probe_inputs(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config: its attributes depend on the model
     if family.modality == "vision":
         size = image_size(cfg)
         return {"pixel_values": torch.zeros(1, int(cfg.num_channels), size, size)}
@@ -67,7 +67,7 @@ def output_signature(model: nn.Module, family: Family) -> tuple[str, tuple[int, 
 
 def _config_facts(model: nn.Module, family: Family, kind: str) -> dict[str, Any]:
     """The config values that fix the output's shape and meaning, by name."""
-    cfg = model.config
+    cfg: Any = model.config  # a transformers config: its attributes depend on the model
     facts: dict[str, Any] = {}
     if family.modality == "vision":
         facts["image_size"] = image_size(cfg)
@@ -131,7 +131,7 @@ def check_models(models: list[nn.Module], names: list[str] | None = None) -> tup
 def _tokenizer_facts(tok) -> dict[str, Any]:
     from squeeze.compress.calibration import builtin_corpus
 
-    special = {k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items())
+    special: dict[str, Any] = {k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items())
                if isinstance(v, str)}
     special["(all special tokens)"] = sorted(tok.all_special_tokens)
     sample = builtin_corpus()[:_SAMPLE_TEXTS]
@@ -159,9 +159,10 @@ def check_side_files(ckpts: list, names: list[str], warn: Callable[[str], None] 
     if family.modality == "vision":
         procs = [_processor_config(c) for c in ckpts]
         for i in range(1, len(ckpts)):
-            if procs[i] is None or procs[0] is None:
+            first, other = procs[0], procs[i]
+            if other is None or first is None:
                 continue
-            diff = sorted(k for k in set(procs[0]) | set(procs[i]) if procs[0].get(k) != procs[i].get(k))
+            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
             if diff:
                 raise SqueezeError(
                     f"cannot merge: the image processors of {names[0]} and {names[i]} differ in: {', '.join(diff)}"

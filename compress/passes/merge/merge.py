@@ -31,7 +31,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -135,8 +135,8 @@ class MergedModel(nn.Module):
         result: dict[str, Any] = {}
         names = ["logits"] if self.output == "logits" else ["last_hidden_state", "pooler_output"]
         for name in names:
-            values = [getattr(o, name, None) for o in outs]
-            if any(v is None for v in values):
+            values = [v for v in (getattr(o, name, None) for o in outs) if v is not None]
+            if len(values) < len(outs):
                 continue
             acc = self.merge_weights[0] * values[0]
             for w, v in zip(self.merge_weights[1:], values[1:]):
@@ -220,8 +220,9 @@ def _expert_record(model: nn.Module, ckpt) -> dict[str, Any]:
         base = ckpt.manifest.base
         return {"model_type": base.model_type, "architecture": base.architecture, "config": base.config,
                 "sha256": base.sha256, "source": base.source, "edits": list(ckpt.manifest.edits)}
-    record = {"model_type": model.config.model_type, "architecture": type(model).__name__,
-              "config": model.config.to_dict(), "sha256": None, "source": None, "edits": []}
+    config: Any = model.config  # a transformers config
+    record = {"model_type": config.model_type, "architecture": type(model).__name__,
+              "config": config.to_dict(), "sha256": None, "source": None, "edits": []}
     # Without its checkpoint we only know the config: make sure that is enough to rebuild it.
     rebuilt = build_expert(record)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -249,6 +250,7 @@ def build_expert(record: dict[str, Any], replay: Callable[[nn.Module, dict, Fami
     if edits and replay is None:
         raise SqueezeError("an expert with its own edits needs the manifest replay (load through squeeze.compress.load)")
     for raw in edits:
+        assert replay is not None  # checked above
         model = replay(model, raw, family)
     return model.eval()
 
@@ -317,7 +319,7 @@ class MergePass(Pass):
     wraps_models: ClassVar[bool] = True
 
     def _weights(self, n: int) -> list[float]:
-        cfg: MergeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(MergeConfig, self.config)
         if cfg.others and len(cfg.others) + 1 != n:
             raise SqueezeError(f"merge: {len(cfg.others)} other models configured but {n - 1} given")
         if cfg.weights is None:
@@ -371,7 +373,7 @@ class MergePass(Pass):
         return merged
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
-        res: MergeResult = self.result_of(edit)  # type: ignore[assignment]
+        res = cast(MergeResult, self.result_of(edit))
         experts = [model, *(build_expert(r, self.replay) for r in res.experts)]
         return MergedModel(experts, res.weights, output=res.output).eval()
 

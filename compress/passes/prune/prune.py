@@ -57,7 +57,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import nn
@@ -393,7 +393,7 @@ class PrunePass(Pass):
         return model
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
-        res: PruneResult = self.result_of(edit)  # type: ignore[assignment]
+        res = cast(PruneResult, self.result_of(edit))
         n = family.num_layers(model)
         if res.num_layers is not None and res.num_layers != n:
             raise SqueezeError(f"prune edit was made on {res.num_layers} layers, the model has {n}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ def layer_scores(model: nn.Module, family: Family, batches: list[Batch], *, span
     return out
 
 
-def top_k(scores: list[float], k: int, exclude: set[int] = frozenset()) -> list[int]:
+def top_k(scores: list[float], k: int, exclude: Set[int] = frozenset()) -> list[int]:
     """Indices of the k highest scores (ties: lower index first), skipping ``exclude``."""
     order = sorted((i for i in range(len(scores)) if i not in exclude and scores[i] != -math.inf),
                    key=lambda i: (-scores[i], i))

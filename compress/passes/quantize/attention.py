@@ -30,6 +30,15 @@ CHILD = "squeeze_quant"  # attribute name of the AttnQuant child on the attentio
 class AttnQuant(nn.Module):
     """Quantizer state of one attention module (buffers: what the checkpoint stores)."""
 
+    q_scale: torch.Tensor  # buffers (register_buffer)
+    q_zero: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    p_scale: torch.Tensor
+    p_zero: torch.Tensor
+
     def __init__(self, bits: int, softmax: str):
         super().__init__()
         self.bits, self.softmax = bits, softmax  # softmax: "logsqrt2" | "uniform"
@@ -81,24 +90,24 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     ops = torch.ops.squeeze
-    quantize = st is not None and not st.observing
+    qs = st if st is not None and not st.observing else None  # quantize the operands
     if st is not None and st.observing:
         for name, t in (("q", query), ("k", key), ("v", value)):
             st.observe(name, t)
-    if quantize:
-        query = ops.quant_dequant(query, st.q_scale, st.q_zero, st.bits)
-        key = ops.quant_dequant(key, st.k_scale, st.k_zero, st.bits)
-        value = ops.quant_dequant(value, st.v_scale, st.v_zero, st.bits)
+    if qs is not None:
+        query = ops.quant_dequant(query, qs.q_scale, qs.q_zero, qs.bits)
+        key = ops.quant_dequant(key, qs.k_scale, qs.k_zero, qs.bits)
+        value = ops.quant_dequant(value, qs.v_scale, qs.v_zero, qs.bits)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S), float
     if attention_mask is not None:
         scores = scores + attention_mask
-    if quantize and st.softmax == "logsqrt2":
-        probs = ops.logsqrt2_softmax(scores, st.p_scale, st.bits)
+    if qs is not None and qs.softmax == "logsqrt2":
+        probs = ops.logsqrt2_softmax(scores, qs.p_scale, qs.bits)
     else:
         probs = torch.softmax(scores, dim=-1)
         if st is not None and st.observing:
             st.observe("p", probs)
-        if quantize:
-            probs = ops.quant_dequant(probs, st.p_scale, st.p_zero, st.bits)
+        if qs is not None:
+            probs = ops.quant_dequant(probs, qs.p_scale, qs.p_zero, qs.bits)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, H, D)
     return out, probs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ def sample_rows(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 
 def consumer_weights(group: Group, linear_weight) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(out, in) weight and bias of each linear of the group, as float tensors."""
-    return [(linear_weight(m).detach().float(), None if m.bias is None else m.bias.detach().float()) for m in group.modules]
+    return [(linear_weight(m).detach().float(), None if m.bias is None else cast(torch.Tensor, m.bias).detach().float()) for m in group.modules]
 
 
 def round_weight(w: torch.Tensor, x: torch.Tensor | None, bits: int, blocks: int, method: str,

@@ -42,6 +42,9 @@ def code_dtype(bits: int) -> torch.dtype:
 class ChannelAffine(nn.Module):
     """x * scale (+ shift), per channel (last axis)."""
 
+    scale: torch.Tensor  # buffers (register_buffer)
+    shift: torch.Tensor | None
+
     def __init__(self, channels: int, shift: bool):
         super().__init__()
         self.register_buffer("scale", torch.ones(channels))
@@ -62,6 +65,11 @@ class QuantLinear(nn.Module):
         act: input mode; ``a_bits`` its bits; ``a_blocks`` the activation scale groups (``block``).
         affine: a (possibly shared) ChannelAffine applied to the input first.
     """
+
+    w_scale: torch.Tensor  # buffers (register_buffer); a_scale / a_zero only for static / block inputs
+    w_zero: torch.Tensor
+    a_scale: torch.Tensor
+    a_zero: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, w_bits: int = 8, w_blocks: int = 1,
                  act: ActMode = "dynamic", a_bits: int = 8, a_blocks: int = 1, affine: ChannelAffine | None = None):
@@ -151,6 +159,9 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """An embedding table stored as uint8 codes (int32 above 8 bits) with a per-tensor (or
     per-block) scale and zero point."""
+
+    scale: torch.Tensor  # buffers (register_buffer)
+    zero: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, blocks: int = 1, padding_idx: int | None = None,
                  bits: int = 8):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -162,7 +162,7 @@ class QuantizePass(Pass):
 
     def summary(self, result: PassResult | dict[str, Any]) -> list[str]:
         """The scheme (from the typed config), then the result's counts."""
-        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(QuantizeConfig, self.config)
         res = result if isinstance(result, QuantizeResult) else QuantizeResult.model_validate(result)
         gptq = "GPTQ" if cfg.gptq and cfg.method == "repquant" else "round to nearest"
         act = cfg.act_mode + (f" int{cfg.a_bits}" if cfg.static else "")
@@ -184,7 +184,7 @@ class QuantizePass(Pass):
 
     def check_data(self, ctx: PassContext) -> None:
         """Static activation ranges need real calibration data."""
-        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(QuantizeConfig, self.config)
         if not cfg.static:
             return
         source = ctx.calibration.source if ctx.calibration is not None else "builtin"
@@ -200,7 +200,7 @@ class QuantizePass(Pass):
     def scheme(self, seed: int = 0):
         from squeeze.compress.passes.quantize.engine import Scheme
 
-        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(QuantizeConfig, self.config)
         softmax = cfg.softmax
         if softmax == "auto":
             softmax = "logsqrt2" if cfg.method == "repquant" and cfg.a_bits <= 8 else "uniform"
@@ -213,7 +213,7 @@ class QuantizePass(Pass):
 
         model = models[0]  # a copy (run_pass), checked once before any work
         scheme = self.scheme(ctx.seed)
-        warnings, notes = family_notes(ctx.family, self.config, model)  # type: ignore[arg-type]
+        warnings, notes = family_notes(ctx.family, cast(QuantizeConfig, self.config), model)
         for w in warnings:
             ctx.warn(w)
         batches = ctx.calib_batches()
@@ -239,7 +239,7 @@ class QuantizePass(Pass):
         """Cosine and relative max error against the PyTorch twin (one rounding flip cascades)."""
         from squeeze.compress.passes.quantize.onnx_check import rule_for
 
-        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        cfg = cast(QuantizeConfig, self.config)
         return ExportRule(**rule_for(cfg.w_bits, cfg.activations, cfg.a_bits))
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:

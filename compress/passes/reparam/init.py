@@ -15,6 +15,8 @@ copying the LayerNorm's affine into the BN gives garbage until trained.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -83,4 +85,4 @@ def fit_sites(family: Family, model: nn.Module, norms: list[ProgressiveNorm], ba
         model.train(was_training)
         for m in model.modules():  # the token-mask hook's clean-up did not run after _Stop
             if hasattr(m, "token_mask"):
-                m.token_mask = None
+                cast(Any, m).token_mask = None

@@ -30,6 +30,9 @@ class RepBN(nn.Module):
         eta: initial value of the scalar ``eta`` (SLAB's vision code: 1; its LLaMA code: 0).
     """
 
+    running_mean: torch.Tensor  # buffers (register_buffer)
+    running_var: torch.Tensor
+
     def __init__(self, dim: int, eta: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -81,6 +84,10 @@ class ProgressiveNorm(nn.Module):
         decay: T, optimizer steps over which gamma goes 1 -> 0 (0: RepBN from the first step).
         warmup: optimizer steps with gamma = 1 (output = norm only) before the decay starts.
     """
+
+    step: torch.Tensor  # buffers (register_buffer)
+    warmup: torch.Tensor
+    decay: torch.Tensor
 
     def __init__(self, norm: nn.Module, repbn: RepBN, decay: int, warmup: int = 0):
         super().__init__()

@@ -22,6 +22,8 @@ the linears that read them, the residual writers ``attn_out`` / ``mlp_out``, the
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -136,7 +138,7 @@ def fold_norms(family: Family, model: nn.Module, chosen: list[str]) -> tuple[dic
                 D = D_new
         return state, biased
     for site in chosen:
-        repbn = get_site(family, model, site)
+        repbn = cast(RepBN, get_site(family, model, site))  # a chosen site holds a RepBN
         a, b = (t.detach() for t in repbn.affine())
         if site == FINAL:
             if _head_foldable(family, model):
@@ -155,10 +157,10 @@ def fold_norms(family: Family, model: nn.Module, chosen: list[str]) -> tuple[dic
                 set_site(family, model, site, affine)
                 state[site] = "affine"
             continue
-        i, _, role = site.partition(":")
-        layer = layers[int(i)]
+        li, _, role = site.partition(":")
+        layer = layers[int(li)]
         for key in reader_keys(family, layer, role):
-            _fold_reader(family, layer, key, a, b, i, biased)
+            _fold_reader(family, layer, key, a, b, li, biased)
         set_site(family, model, site, nn.Identity())
         state[site] = "identity"
     return state, biased

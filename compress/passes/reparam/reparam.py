@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from pydantic import ConfigDict, Field, model_validator
@@ -137,7 +137,7 @@ class ReparamPass(Pass):
     Result: ClassVar[type[PassResult]] = ReparamResult
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
-        cfg: ReparamConfig = self.config  # type: ignore[assignment]
+        cfg = cast(ReparamConfig, self.config)
         if family.name not in SUPPORTED:
             raise SqueezeError(f"reparam supports the {', '.join(SUPPORTED)} families, not {family.name!r}")
         if cfg.attention == "sla" and family.modality != "vision":
@@ -176,7 +176,7 @@ class ReparamPass(Pass):
         when it is not installed) and the calibration images for ViT."""
         from squeeze.compress.train_data import wiki_available
 
-        src = self.config.data  # type: ignore[attr-defined]
+        src = cast(ReparamConfig, self.config).data
         if src != "auto":
             return src
         calib = ctx.calibration.source if ctx.calibration is not None else "builtin"
@@ -196,7 +196,7 @@ class ReparamPass(Pass):
         from squeeze.compress.distill import DistillConfig, distill
         from squeeze.compress.train_data import TrainSpec, training_batches
 
-        cfg: ReparamConfig = self.config  # type: ignore[assignment]
+        cfg = cast(ReparamConfig, self.config)
         fam = ctx.family
         self.check(fam, models)
         model = models[0]

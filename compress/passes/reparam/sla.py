@@ -17,7 +17,7 @@ get no DWC term, since they have no place on the grid.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class SimplifiedLinearAttention(nn.Module):
         for name, mod in projections.items():
             self.add_module(name, mod)
         q = projections[self.names[0]]
-        dim = q.weight.shape[0]
+        dim = cast(torch.Tensor, q.weight).shape[0]
         self.heads, self.head_dim, self.tokens, self.grid = heads, dim // heads, tokens, grid
         self.positional_encoding = nn.Parameter(torch.zeros(1, tokens, dim))
         self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel, padding=kernel // 2, groups=self.head_dim)
