@@ -14,17 +14,13 @@ from typing import Any
 import typer
 
 from squeeze.cli.common import (
-    CalibOpt,
-    ForceOpt,
-    JsonOpt,
-    OutOpt,
-    TrustPickleOpt,
     console,
     data_spec,
     pass_config,
     print_json,
     report_table,
 )
+from squeeze.cli.options import DATA_HELP, Force, Json, Output, TrustPickle
 from squeeze.compress.errors import SqueezeError
 
 
@@ -59,7 +55,7 @@ def _progress(metrics: dict[str, Any]) -> Iterator[Any]:
 
 def distill(
     student: str = typer.Argument(..., help="The model to heal: a folder, pkg:NAME/sub or squeeze folder."),
-    output: Path = OutOpt,
+    output: Output = ...,
     teacher: str = typer.Option(None, "--teacher", help="Teacher model (default: the model STUDENT was made from)."),
     data: str = typer.Option(
         "auto",
@@ -80,10 +76,10 @@ def distill(
     accumulate: int = typer.Option(1, "--accumulate", help="Batches per optimizer step."),
     temperature: float = typer.Option(2.0, "--temperature", help="KL temperature (models with logits)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and sampling."),
-    calib: str = CalibOpt,
-    force: bool = ForceOpt,
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
+    calib: str = typer.Option("builtin", "--calib", help=f"Data of the fidelity measurement: {DATA_HELP}"),
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    as_json: Json = False,
 ) -> None:
     """Train STUDENT toward its teacher (knowledge distillation); the structure stays, weights change."""
     layers = None
@@ -152,4 +148,4 @@ def distill(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("distill")(distill)
+    app.command("distill", epilog="Example: squeeze distill pruned -o healed --data wiki --steps 400")(distill)

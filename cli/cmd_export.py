@@ -1,4 +1,4 @@
-"""``squeeze export``, ``squeeze check`` and ``squeeze eval``."""
+"""``squeeze export``: an ONNX graph (or an Optimum folder) validated against PyTorch."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import ForceOpt, JsonOpt, TrustPickleOpt, console, data_spec, fmt_bytes, fmt_num, print_json
-from squeeze.compress.run import load
-from squeeze.compress.errors import SqueezeError, ValidationFailed
-from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, read_onnx, tensorrt_readiness
+from squeeze.cli.common import console, data_spec, fmt_bytes, fmt_num, print_json
+from squeeze.cli.options import CalibAlias, Data, Force, Json, TrustPickle, pick_data
+from squeeze.compress.errors import ValidationFailed
+from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL
 from squeeze.compress.export_folder import export_model
+from squeeze.compress.run import load
 
 
 def export(
@@ -26,20 +27,24 @@ def export(
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (fast) or dynamo."),
     plain: bool = typer.Option(False, "--plain", help="Inline squeeze custom ops into standard ONNX ops."),
     ref: str = typer.Option(None, "--ref", help="Also report the graph's fidelity against this checkpoint."),
-    data: str = typer.Option("builtin", "--data", help="Validation inputs: builtin, synthetic, or a data file."),
+    data: Data = "builtin",
+    calib: CalibAlias = None,
     task: str = typer.Option("auto", "--task", help="auto, text-generation-with-past (default for causal LMs), text-generation, feature-extraction."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16."),
     weights: str = typer.Option(None, "--weights", help="int4 or int8: blockwise MatMulNBits / GatherBlockQuantized."),
     block_size: int = typer.Option(32, "--block-size", help="Weight block size of --weights (power of two >= 16)."),
     optimize: bool = typer.Option(False, "--optimize", help="Fuse with ONNX Runtime's transformer optimizer (bert, vit)."),
-    force: bool = ForceOpt,
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    as_json: Json = False,
 ) -> None:
-    """Export to ONNX with dynamic axes; validate against PyTorch; fail (exit 1) on disagreement."""
+    """Export to ONNX with dynamic axes; validate against PyTorch; fail (exit 1) on disagreement.
+
+    Example: squeeze export model -o model.onnx --weights int4
+    """
     model = load(ckpt, trust_pickle=trust_pickle)
     reference = load(ref, trust_pickle=trust_pickle) if ref else None
-    spec = data_spec(data, 8, min(max(seq_len * 2, 8), 32_768))
+    spec = data_spec(pick_data(data, calib), 8, min(max(seq_len * 2, 8), 32_768))
     try:
         report = export_model(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
                               target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference,
@@ -67,10 +72,10 @@ def export(
         fid = report["fidelity_vs_reference"]
         console.print("fidelity vs reference: " + "  ".join(f"{k}={fmt_num(v)}" for k, v in fid.items()))
     if "tensorrt" in report:
-        _print_trt(report["tensorrt"])
+        print_trt(report["tensorrt"])
 
 
-def _print_trt(trt: dict) -> None:
+def print_trt(trt: dict) -> None:
     status = "[green]ready[/green]" if trt["ok"] else "[red]NOT ready[/red]"
     console.print(f"TensorRT {trt['tensorrt_version']}: {status}")
     for p in trt["problems"]:
@@ -79,54 +84,5 @@ def _print_trt(trt: dict) -> None:
         console.print(f"  - {n}")
 
 
-def check(
-    model: Path = typer.Argument(..., help="An .onnx file."),
-    target: str = typer.Option("tensorrt", "--target", help="Only tensorrt is checked statically."),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Static deployment readiness of an ONNX graph (exit 1 if something would not parse)."""
-    if target != "tensorrt":
-        raise SqueezeError(f"--target must be tensorrt, got {target!r}")
-    if not model.is_file():
-        raise SqueezeError(f"{model}: no such file")
-    proto = read_onnx(model)
-    trt = tensorrt_readiness(proto)
-    if as_json:
-        print_json(trt)
-    else:
-        _print_trt(trt)
-    if not trt["ok"]:
-        raise ValidationFailed(f"{len(trt['problems'])} node(s) TensorRT would not parse")
-
-
-def evaluate(
-    model: str = typer.Argument(..., help="A checkpoint folder or an .onnx file."),
-    ref: str = typer.Option(..., "--ref", help="The reference checkpoint."),
-    data: str = typer.Option("builtin", "--data", help="Evaluation data: builtin, synthetic, .txt, .jsonl (with label), .npz."),
-    samples: int = typer.Option(64, "--samples", min=1, max=100_000),
-    seq_len: int = typer.Option(128, "--seq-len", min=4, max=32_768),
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
-) -> None:
-    """Fidelity of a checkpoint or ONNX graph against a reference on held-apart data."""
-    from squeeze.compress.eval_graph import evaluate_against
-    from squeeze.compress.run import load as load_model
-
-    reference = load(ref, trust_pickle=trust_pickle)
-    spec = data_spec(data, samples, seq_len, eval_samples=samples)
-    result = evaluate_against(model, reference, spec, load=lambda r: load_model(r, trust_pickle=trust_pickle))
-    if as_json:
-        print_json(result)
-        return
-    t = Table(title=f"{model} vs {ref}", title_justify="left", show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("")
-    for k, v in result.items():
-        t.add_row(k, fmt_num(v))
-    console.print(t)
-
-
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
-    app.command("check")(check)
-    app.command("eval")(evaluate)

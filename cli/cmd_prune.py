@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import (CalibOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
-                                pass_config, print_json, progress, report_table)
+from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.cli.options import CalibAlias, Data, Force, Json, OptionalOutput, Samples, SeqLen, TrustPickle, pick_data
 from squeeze.compress.errors import SqueezeError
 
 AmountHelp = "a share of the layers (0.5) or a count (2)"
@@ -68,7 +67,7 @@ def scores_table(result: dict[str, Any], title: str = "") -> Table:
 
 def prune(
     ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
-    output: Path = typer.Option(None, "-o", "--output", help="Output folder (written atomically)."),
+    output: OptionalOutput = None,
     drop_attn: str = typer.Option(None, "--drop-attn", help=f"Attention sublayers to drop: {AmountHelp}."),
     drop_mlp: str = typer.Option(None, "--drop-mlp", help=f"MLP sublayers to drop: {AmountHelp}."),
     drop_blocks: str = typer.Option(None, "--drop-blocks", help=f"Whole blocks to drop: {AmountHelp}."),
@@ -81,14 +80,18 @@ def prune(
     keep_norm: bool = typer.Option(None, "--keep-norm/--no-keep-norm",
                                    help="BERT (post-LN) only: a dropped sublayer keeps its LayerNorm (default: yes, measured better)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Score and show what would be dropped; write nothing."),
-    calib: str = CalibOpt,
-    samples: int = SamplesOpt,
-    seq_len: int = SeqLenOpt,
-    force: bool = ForceOpt,
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
+    data: Data = "builtin",
+    calib: CalibAlias = None,
+    samples: Samples = 128,
+    seq_len: SeqLen = 128,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    as_json: Json = False,
 ) -> None:
-    """Drop the attention / MLP sublayers or blocks that change the residual stream least."""
+    """Drop the attention / MLP sublayers or blocks that change the residual stream least.
+
+    Example: squeeze prune model --drop-attn 0.5 --data texts.txt -o pruned
+    """
     cfg = _config(
         drop_attn=_amount(drop_attn, "--drop-attn"), drop_mlp=_amount(drop_mlp, "--drop-mlp"),
         drop_blocks=_amount(drop_blocks, "--drop-blocks"), drop_joint=_amount(drop_joint, "--drop-joint"),
@@ -98,7 +101,7 @@ def prune(
     )
     if output is None and not dry_run:
         raise SqueezeError("-o/--output is required (or pass --dry-run to see the scores only)")
-    spec = data_spec(calib, samples, seq_len)
+    spec = data_spec(pick_data(data, calib), samples, seq_len)
 
     from squeeze.compress.run import apply
 

@@ -1,20 +1,18 @@
 """``squeeze quantize``: post-training quantization (RepQuant / RepQ-ViT, BCT, plain baselines).
 
     squeeze quantize CKPT -o OUT                                   # int8 weights, ORT dynamic activations
-    squeeze quantize CKPT -o OUT --activations int8 --calib data.txt   # static QDQ (TensorRT, edge)
+    squeeze quantize CKPT -o OUT --activations int8 --data data.txt   # static QDQ (TensorRT, edge)
     squeeze quantize CKPT -o OUT --weights int4 --activations none     # weight-only
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from squeeze.cli.common import (CalibOpt, DtypeOpt, ForceOpt, JsonOpt, SamplesOpt, SeqLenOpt, TrustPickleOpt, console, data_spec,
-                                pass_config, print_json, progress, report_table)
-from squeeze.compress.errors import SqueezeError
+from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.cli.options import CalibAlias, Data, Dtype, Force, Json, Output, Samples, SeqLen, TrustPickle, pick_data
 
 
 def _config(**kw: Any):
@@ -25,7 +23,7 @@ def _config(**kw: Any):
 
 def quantize(
     ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder (written atomically)."),
+    output: Output = ...,
     weights: str = typer.Option("int8", "--weights", help="Weight bits: int8, int6, int4 (int2..int16)."),
     activations: str = typer.Option("dynamic", "--activations",
                                     help="dynamic (ORT picks them at run time), int8 / int6 / int4 (static, calibrated), or none."),
@@ -34,18 +32,22 @@ def quantize(
     block_size: int = typer.Option(64, "--block-size", help="bct: channels per block."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Quantize embedding tables (uint8)."),
     clip_steps: int = typer.Option(50, "--clip-steps", help="repquant static: dual-clipping optimisation steps."),
-    calib: str = CalibOpt,
-    samples: int = SamplesOpt,
-    seq_len: int = SeqLenOpt,
-    force: bool = ForceOpt,
-    trust_pickle: bool = TrustPickleOpt,
-    as_json: bool = JsonOpt,
-    dtype: str | None = DtypeOpt,
+    data: Data = "builtin",
+    calib: CalibAlias = None,
+    samples: Samples = 128,
+    seq_len: SeqLen = 128,
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    as_json: Json = False,
+    dtype: Dtype = None,
 ) -> None:
-    """Quantize weights (and activations) post-training; writes integer weights + scales."""
+    """Quantize weights (and activations) post-training; writes integer weights + scales.
+
+    Example: squeeze quantize model --weights int8 --activations int8 --data texts.txt -o quantized
+    """
     cfg = _config(weights=weights, activations=activations, method=method, gptq=gptq, block_size=block_size,
                   embeddings=embeddings, clip_steps=clip_steps)
-    spec = data_spec(calib, samples, seq_len)
+    spec = data_spec(pick_data(data, calib), samples, seq_len)
 
     from squeeze.compress.run import apply
 

@@ -88,4 +88,4 @@ def reparam(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("reparam")(reparam)
+    app.command("reparam", epilog="Example: squeeze reparam model -o reparam --data digits.npz")(reparam)

