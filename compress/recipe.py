@@ -54,6 +54,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model, model_validator
 from pydantic.functional_validators import BeforeValidator
+from pydantic_core import ErrorDetails
 
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
@@ -159,17 +160,19 @@ def job_model() -> type[JobBase]:
     if key not in _MODELS:
         members = []
         for name, (cfg, _, _) in kinds.items():
-            step = create_model(f"{name.title().replace('_', '')}Step", __base__=StepBase,
-                                **{name: (cfg, Field(default_factory=cfg))})
+            # runtime-built models and union: mypy cannot type them (hence the ignores)
+            step = create_model(  # type: ignore[call-overload]
+                f"{name.title().replace('_', '')}Step", __base__=StepBase, **{name: (cfg, Field(default_factory=cfg))}
+            )
             step.pass_name = name
             members.append(Annotated[step, Tag(name)])
-        union = Annotated[
+        union = Annotated[  # type: ignore[valid-type]
             Union[tuple(members)],
             Discriminator(_step_tag, custom_error_type="step_shape",
                           custom_error_message="a step is a one-key mapping such as `prune: {drop_attn: 0.5}`"),
             BeforeValidator(_normalise_step),
         ]
-        _MODELS[key] = create_model("Job", __base__=JobBase, steps=(list[union], Field(min_length=1)))
+        _MODELS[key] = create_model("Job", __base__=JobBase, steps=(list[union], Field(min_length=1)))  # type: ignore[valid-type]
     return _MODELS[key]
 
 
@@ -439,7 +442,7 @@ def _missing(ref: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _unknown_tag(e: dict) -> str | None:
+def _unknown_tag(e: ErrorDetails) -> str | None:
     """The pass name of a step whose one key names no known pass."""
     if e["type"] == "union_tag_invalid":
         return str(e["ctx"]["tag"])
@@ -449,7 +452,7 @@ def _unknown_tag(e: dict) -> str | None:
     return None
 
 
-def _message(e: dict) -> str:
+def _message(e: ErrorDetails) -> str:
     kind = e["type"]
     tag = _unknown_tag(e)
     if tag is not None:
