@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
-MAPPING = {"compress": "squeeze.compress", "kernels": "squeeze.kernels", "cli": "squeeze.cli"}
+MAPPING = {"api": "squeeze", "compress": "squeeze.compress", "kernels": "squeeze.kernels", "cli": "squeeze.cli"}
 
 
 def test_every_package_folder_is_listed():
@@ -25,3 +26,17 @@ def test_every_package_folder_is_listed():
 def test_one_console_script():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"squeeze": "squeeze.cli.main:main"}
+
+
+def test_the_notebook_api_is_the_front_door():
+    import squeeze
+    from squeeze import apply, export, load
+    from squeeze.compress import run
+
+    assert (apply, export, load) == (run.apply, run.export, run.load)
+    try:
+        squeeze.frobnicate  # noqa: B018
+    except AttributeError as exc:
+        assert "frobnicate" in str(exc)
+    else:
+        raise AssertionError("unknown attributes must raise AttributeError")
