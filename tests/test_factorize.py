@@ -280,3 +280,12 @@ def test_refuses_a_factorized_model(tiny_dirs):
 
     with pytest.raises(SqueezeError, match="already factorized"):
         FactorizePass(FactorizeConfig(ratio=0.5, targets="mlp")).check(new.family, [new.model])
+
+
+def test_quantize_refuses_a_factorized_model_before_any_work(tiny_dirs):
+    from squeeze.compress.errors import SqueezeError
+    from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
+
+    _ckpt, new, _ = _factorize(tiny_dirs["vit"], ratio=0.5, targets="mlp")
+    with pytest.raises(SqueezeError, match="mlp_in.*replaced by another pass .DSLinear"):
+        QuantizePass(QuantizeConfig()).check(new.family, [new.model])

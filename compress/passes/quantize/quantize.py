@@ -181,6 +181,11 @@ class QuantizePass(Pass):
         for model in models or []:
             if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
                 raise SqueezeError("this checkpoint is already quantized; quantize the float checkpoint instead")
+            for layer in family.layers(model):  # another pass's modules (factorize's DSLinear) have no weight to quantize
+                odd = next((role for role, m in family.linears(layer).items() if not family.is_linear(m)), None)
+                if odd is not None:
+                    raise SqueezeError(f"the {odd} linears of this checkpoint were replaced by another pass "
+                                       f"({type(family.linears(layer)[odd]).__name__}); quantize the float checkpoint")
 
     def check_data(self, ctx: PassContext) -> None:
         """Static activation ranges need real calibration data."""
