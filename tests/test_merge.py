@@ -314,3 +314,11 @@ def test_single_model_pass_on_merged_model_is_refused(experts):
     prune = get_pass("prune")
     with pytest.raises(SqueezeError, match="compress the experts first"):
         run_pass(prune(drop_attn=1), [merged], PassContext(family=merged.family, calibration=EVAL))
+
+
+def test_merging_a_model_with_itself_is_said_and_other_models_are_not(experts):
+    a, b = load(experts["vit"][0]), load(experts["vit"][1])
+    same = _merge([a, load(experts["vit"][0])]).manifest.ledger[-1]["warnings"]
+    assert any("models 1 and 2 have identical weights" in w for w in same)
+    other = _merge([a, b]).manifest.ledger[-1]["warnings"]
+    assert not any("identical weights" in w for w in other)

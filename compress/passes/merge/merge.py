@@ -350,6 +350,8 @@ class MergePass(Pass):
             family, kind = check_models(models)
             ctx.warn("merge got models without their checkpoints: tokenizers were not compared")
         ctx.step("merge", 0, 1)
+        for i, j in _identical_pairs(models):
+            ctx.warn(f"models {i + 1} and {j + 1} have identical weights: the merge only costs compute")
 
         experts: list[nn.Module] = []
         for m in models:
@@ -380,3 +382,14 @@ class MergePass(Pass):
 
 LogitMerge = MergePass  # the class's former name
 
+
+def _identical_pairs(models: list[nn.Module]) -> list[tuple[int, int]]:
+    """Index pairs of models whose state dicts are equal (merging a model with itself is allowed, but said)."""
+    states = [m.state_dict() for m in models]
+    pairs = []
+    for i in range(len(states)):
+        for j in range(i + 1, len(states)):
+            a, b = states[i], states[j]
+            if a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
+                pairs.append((i, j))
+    return pairs
