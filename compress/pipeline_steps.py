@@ -2,8 +2,8 @@
 
 ``pass_step`` runs a registered pass through ``run.apply`` (which saves it), reloads it from its
 folder (what the next step reads, also in an uninterrupted run) and measures its fidelity
-against the job's original model. ``export_step`` exports with ``export_onnx`` into the step's
-folder, then runs the graph with ONNX Runtime on the job's evaluation data (fidelity against the
+against the job's original model. ``export_step`` exports with ``export_folder.export_model`` (as ``squeeze export``: a causal LM
+gets the KV-cache graph) into the step's folder, then runs the graph with ONNX Runtime on the job's evaluation data (fidelity against the
 original) and at a fixed shape (latency).
 """
 
@@ -117,16 +117,17 @@ def pass_step(inp: Checkpoint, step: StepPlan, state: JobState) -> tuple[dict[st
 def export_step(inp: Checkpoint, step: StepPlan, state: JobState) -> dict[str, Any]:
     """Export, validate, and measure the graph; a rejected graph is kept in ``<folder>.rejected``."""
     from squeeze.compress.evaluate import ort_session
-    from squeeze.compress.export import export_onnx
+    from squeeze.compress.export_folder import export_model
 
     cfg = step.config.model_dump()
+    cfg["task"] = _export_task(inp, cfg)
     latency = cfg.pop("latency", True)
     lat_batch, lat_seq = cfg.pop("latency_batch", 1), cfg.pop("latency_seq_len", 128)
     rejected = step.folder.with_name(step.folder.name + ".rejected")
     with PeakMemory() as mem:
         with atomic_dir(step.folder, force=True) as tmp:
             try:
-                report = export_onnx(inp, tmp / ONNX_NAME, data=state.spec, latency=False, force=True, **cfg)
+                report = export_model(inp, tmp / ONNX_NAME, data=state.spec, latency=False, force=True, **cfg)
             except ValidationFailed as exc:  # keep the evidence, not under the step's name
                 shutil.rmtree(rejected, ignore_errors=True)
                 shutil.copytree(tmp, rejected)
@@ -153,6 +154,26 @@ def export_step(inp: Checkpoint, step: StepPlan, state: JobState) -> dict[str, A
     }
 
 
+def _export_task(inp: Checkpoint, cfg: dict[str, Any]) -> str:
+    """What ``squeeze export`` writes by default (a causal LM: the KV-cache graph); the graph without
+    a cache where the step asks for what only that graph has (TensorRT check, dynamo exporter)."""
+    from squeeze.compress.export_decoder import WITH_PAST, resolve_task
+
+    plain_only = cfg.get("target", "ort") != "ort" or cfg.get("exporter", "torchscript") != "torchscript"
+    return "text-generation" if plain_only and resolve_task("auto", inp) == WITH_PAST else "auto"
+
+
+def _past_feeds(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` plus what a KV-cache graph also takes for a prefill (positions, an empty past)."""
+    from squeeze.compress.evaluate import ort_session
+    from squeeze.compress.export_decoder import prefill_feed
+
+    session = ort_session(path)
+    batch = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    extra = {i.name: prefill_feed(session, i.name, batch) for i in session.get_inputs() if i.name not in feeds}
+    return {**feeds, **extra}
+
+
 def _timing(path: Path, state: JobState, batch: int, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The graph's latency in a fresh process, interleaved with the job's fp32 graph (a ratio with
     its spread, compress/latency.py), and the job's baselines (compress/baselines.py), made once
@@ -168,16 +189,19 @@ def _timing(path: Path, state: JobState, batch: int, seq_len: int) -> tuple[dict
     folder = state.jp.folder / BASELINES_DIR
     key = f"{state.jp.original_key}-{batch}x{seq_len}"
     baselines = job_baselines(orig, state.reference, folder, key, feeds, state.spec)
-    return measure(path, feeds, reference=folder / FP32), baselines
+    return measure(path, _past_feeds(path, feeds), reference=folder / FP32), baselines
 
 
 def _onnx_fidelity(session, state: JobState, output: str) -> dict[str, float]:
     """The exported graph, run by ONNX Runtime, against the job's original model."""
+    from squeeze.compress.export_decoder import prefill_feed
+
     ref = state.reference
     names = [i.name for i in session.get_inputs()]
+    cached = any(n.startswith("past_key_values") for n in names)  # a KV-cache graph: run as a prefill
     outs = []
     for b in ref.batches:
-        feeds = {n: _feed(b, n) for n in names}
+        feeds = {n: prefill_feed(session, n, b) if cached and n not in b else _feed(b, n) for n in names}
         outs.append({next(iter(ref.outputs[0])): torch.from_numpy(session.run([output], feeds)[0]).float()})
     return compare_outputs(ref, Reference(family=ref.family, outputs=outs, batches=ref.batches))
 

@@ -159,8 +159,16 @@ def evaluate(
 
 
 def export(model: ModelLike, out: str | os.PathLike, *, trust_pickle: bool = False, **options: Any) -> dict[str, Any]:
-    """Export a model to ONNX and validate it against PyTorch (``export.export_onnx`` options:
-    ``opset``, ``atol``, ``rtol``, ``target``, ``data``, ``force``, ...); returns the report."""
-    from squeeze.compress.export import export_onnx
+    """Export a model to ONNX and validate it against PyTorch, as ``squeeze export`` does (a causal
+    LM gets the KV-cache graph; ``export_folder.export_model`` options: ``task``, ``dtype``,
+    ``weights``, ``opset``, ``atol``, ``rtol``, ``target``, ``data``, ``reference``, ``force``, ...);
+    returns the report."""
+    from squeeze.compress.export_folder import export_model
 
-    return export_onnx(load(model, trust_pickle=trust_pickle), out, **options)
+    data = options.pop("data", None) or "builtin"
+    if not isinstance(data, DataSpec):  # the CLI's validation inputs: 8 samples of twice the checked length
+        seq_len = min(max(int(options.get("seq_len", 16)) * 2, 8), 32_768)
+        data = data_spec(data).model_copy(update={"samples": 8, "seq_len": seq_len})
+    if options.get("reference") is not None:
+        options["reference"] = load(options["reference"], trust_pickle=trust_pickle)
+    return export_model(load(model, trust_pickle=trust_pickle), out, data=data, **options)
