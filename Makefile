@@ -1,13 +1,13 @@
 # The two commands of the README:
 #   make demo   set everything up, then run the main job on the real all-MiniLM-L6-v2
-#   make test   set everything up, then run the whole test suite (what CI runs)
+#   make test   set everything up, lint (ruff, mypy), then run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # pytest workers; each worker runs torch single-threaded (tests/conftest.py)
 WORKERS ?= 2
 
-.PHONY: setup demo test bench mutate clean
+.PHONY: setup demo lint test bench mutate clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/squeeze run recipes/minilm-edge.yaml -o out/demo
 
-test: setup
+# mypy covers the library and the CLI (the tests are left to ruff)
+MYPY_FILES ?= api compress kernels cli
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(MYPY_FILES)
+
+test: lint
 	$(BIN)/python -m pytest -n $(WORKERS) tests
 
 # mutation testing of one algorithm folder (slow; not part of test): make mutate PASS=prune|quantize|kernels|...
