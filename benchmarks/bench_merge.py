@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from common import THREADS, ck, export_onnx, write_results  # noqa: I001  (common sets sys.path)
+from common import THREADS, ck, export_onnx, write_results
 
 from squeeze.cli.main import main as squeeze_main
 from squeeze.compress.evaluate import ort_latency_ms, ort_session
@@ -36,8 +35,18 @@ SEEDS = (0, 1, 2)
 EPOCHS = 40
 BATCH = 64
 LR = 2e-3
-VIT = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-           intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+VIT = dict(
+    image_size=8,
+    patch_size=2,
+    num_channels=1,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=128,
+    num_labels=10,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 LATENCY_BATCHES = (1, 8)
 LATENCY_ROUNDS = 5
 
@@ -61,8 +70,12 @@ def train(x: np.ndarray, y: np.ndarray, seed: int):
     import transformers as T
 
     torch.manual_seed(seed)
-    cfg = T.ViTConfig(**VIT, id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)},
-                      architectures=["ViTForImageClassification"])
+    cfg = T.ViTConfig(
+        **VIT,
+        id2label={i: str(i) for i in range(10)},
+        label2id={str(i): i for i in range(10)},
+        architectures=["ViTForImageClassification"],
+    )
     model = T.ViTForImageClassification(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
     steps = EPOCHS * -(-len(x) // BATCH)
@@ -86,7 +99,9 @@ def save_expert(model, folder: Path) -> Path:
     from transformers import ViTImageProcessor
 
     model.save_pretrained(str(folder))
-    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5], do_rescale=False).save_pretrained(str(folder))
+    ViTImageProcessor(
+        size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5], do_rescale=False
+    ).save_pretrained(str(folder))
     return folder
 
 
@@ -112,7 +127,9 @@ def run_split(kind: str, xtr, ytr, xte, yte, seed: int, tmp: Path, full) -> dict
     out = tmp / f"merged-{kind[:6]}-{seed}"
     t = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # the ledger row, as JSON
-        code = squeeze_main(["merge", str(folders[0]), str(folders[1]), "-o", str(out), "--data", str(tmp / "test.npz"), "--json"])
+        code = squeeze_main(
+            ["merge", str(folders[0]), str(folders[1]), "-o", str(out), "--data", str(tmp / "test.npz"), "--json"]
+        )
     merge_s = time.perf_counter() - t
     assert code == 0, f"squeeze merge failed ({code})"
     ledger = json.loads(printed.getvalue())
@@ -121,10 +138,19 @@ def run_split(kind: str, xtr, ytr, xte, yte, seed: int, tmp: Path, full) -> dict
     la, lb, lm = logits_of(a, xte), logits_of(b, xte), logits_of(merged, xte)
     assert torch.allclose(lm, (la + lb) / 2, atol=1e-6)  # the merge is the mean of the experts' logits
     prob = (la.softmax(-1) + lb.softmax(-1)) / 2
-    return {"split": kind, "seed": seed, "expert_a": accuracy(la, yte), "expert_b": accuracy(lb, yte),
-            "merge": accuracy(lm, yte), "prob_average": accuracy(prob, yte), "all_data": accuracy(logits_of(full, xte), yte),
-            "merge_seconds": round(merge_s, 2), "ledger_fidelity_vs_expert_a": ledger["fidelity"],
-            "folders": [str(f) for f in folders], "merged": str(out)}
+    return {
+        "split": kind,
+        "seed": seed,
+        "expert_a": accuracy(la, yte),
+        "expert_b": accuracy(lb, yte),
+        "merge": accuracy(lm, yte),
+        "prob_average": accuracy(prob, yte),
+        "all_data": accuracy(logits_of(full, xte), yte),
+        "merge_seconds": round(merge_s, 2),
+        "ledger_fidelity_vs_expert_a": ledger["fidelity"],
+        "folders": [str(f) for f in folders],
+        "merged": str(out),
+    }
 
 
 def latency(paths: dict[str, Path], xte: np.ndarray) -> dict[str, dict[int, float]]:
@@ -153,8 +179,11 @@ def main() -> None:
             for kind in ("random halves", "by class"):
                 rows.append(run_split(kind, xtr, ytr, xte, yte, seed, tmp, full))
                 r = rows[-1]
-                print(f"{kind:14s} seed {seed}: A {r['expert_a']:.3f}  B {r['expert_b']:.3f}  merge {r['merge']:.3f}  "
-                      f"prob-avg {r['prob_average']:.3f}  all-data {r['all_data']:.3f}", file=sys.stderr)
+                print(
+                    f"{kind:14s} seed {seed}: A {r['expert_a']:.3f}  B {r['expert_b']:.3f}  merge {r['merge']:.3f}  "
+                    f"prob-avg {r['prob_average']:.3f}  all-data {r['all_data']:.3f}",
+                    file=sys.stderr,
+                )
         # ONNX: the merged graph (both experts and the average) against one expert's graph.
         first = rows[0]
         onnx_paths = {"one expert": tmp / "expert.onnx", "merged (2 experts)": tmp / "merged.onnx"}
@@ -162,7 +191,12 @@ def main() -> None:
         rep_m = export_onnx(ck.load(first["merged"]), onnx_paths["merged (2 experts)"], latency=False)
         lat = latency(onnx_paths, xte)
         sizes = {k: p.stat().st_size for k, p in onnx_paths.items()}
-        ort_acc = accuracy(torch.from_numpy(ort_session(onnx_paths["merged (2 experts)"]).run(None, {"pixel_values": pixels(xte).numpy()})[0]), yte)
+        ort_acc = accuracy(
+            torch.from_numpy(
+                ort_session(onnx_paths["merged (2 experts)"]).run(None, {"pixel_values": pixels(xte).numpy()})[0]
+            ),
+            yte,
+        )
     for r in rows:
         r.pop("folders"), r.pop("merged")
 
@@ -170,8 +204,10 @@ def main() -> None:
         v = np.array([r[key] for r in rows if r["split"] == split])
         return float(v.mean()), float(v.std())
 
-    summary = {s: {k: mean_std(s, k) for k in ("expert_a", "expert_b", "merge", "prob_average", "all_data")}
-               for s in ("random halves", "by class")}
+    summary = {
+        s: {k: mean_std(s, k) for k in ("expert_a", "expert_b", "merge", "prob_average", "all_data")}
+        for s in ("random halves", "by class")
+    }
     n_train, n_test = len(xtr), len(xte)
     md = [
         f"Digits (sklearn `load_digits`, 8x8): {n_train} training / {n_test} test images. Tiny ViT "
@@ -183,8 +219,13 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for s, d in summary.items():
-        md.append(f"| {s} | " + " | ".join(f"{d[k][0]:.3f} ± {d[k][1]:.3f}" for k in
-                                            ("expert_a", "expert_b", "merge", "prob_average", "all_data")) + " |")
+        md.append(
+            f"| {s} | "
+            + " | ".join(
+                f"{d[k][0]:.3f} ± {d[k][1]:.3f}" for k in ("expert_a", "expert_b", "merge", "prob_average", "all_data")
+            )
+            + " |"
+        )
     md += [
         "",
         f"ONNX Runtime CPU, {THREADS} threads, median latency (5 interleaved rounds x 50 runs); merged graph from "
@@ -196,15 +237,32 @@ def main() -> None:
     ]
     base = lat["one expert"]
     for k, v in lat.items():
-        md.append(f"| {k} | {sizes[k] / 1024:.0f} KB | {v[1]:.3f} ms | {v[8]:.3f} ms | "
-                  f"{v[1] / base[1]:.2f}x | {v[8] / base[8]:.2f}x |")
+        md.append(
+            f"| {k} | {sizes[k] / 1024:.0f} KB | {v[1]:.3f} ms | {v[8]:.3f} ms | "
+            f"{v[1] / base[1]:.2f}x | {v[8] / base[8]:.2f}x |"
+        )
     md += ["", f"Command: `.venv/bin/python benchmarks/bench_merge.py` ({time.perf_counter() - start:.0f} s)."]
-    write_results("merge", {"config": {"vit": VIT, "epochs": EPOCHS, "batch": BATCH, "lr": LR, "seeds": list(SEEDS),
-                                       "train": n_train, "test": n_test},
-                            "rows": rows, "summary": summary, "latency_ms": lat, "onnx_bytes": sizes,
-                            "merged_onnx_accuracy": ort_acc,
-                            "export_validation": {"expert": rep_e["validation"], "merged": rep_m["validation"]}},
-                  "\n".join(md))
+    write_results(
+        "merge",
+        {
+            "config": {
+                "vit": VIT,
+                "epochs": EPOCHS,
+                "batch": BATCH,
+                "lr": LR,
+                "seeds": list(SEEDS),
+                "train": n_train,
+                "test": n_test,
+            },
+            "rows": rows,
+            "summary": summary,
+            "latency_ms": lat,
+            "onnx_bytes": sizes,
+            "merged_onnx_accuracy": ort_acc,
+            "export_validation": {"expert": rep_e["validation"], "merged": rep_m["validation"]},
+        },
+        "\n".join(md),
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ import torch
 from common import MINILM, RESULTS, THREADS, ck, eval_batches, export_fp32, latency_feeds, write_results
 
 from squeeze.compress.calibration import model_inputs
-from squeeze.compress.evaluate import PeakMemory, compare_outputs, current_rss_mb, ort_latency_ms, ort_session, reference_outputs
+from squeeze.compress.evaluate import (
+    PeakMemory,
+    compare_outputs,
+    current_rss_mb,
+    ort_latency_ms,
+    ort_session,
+    reference_outputs,
+)
 from squeeze.compress.passes import PassContext
 from squeeze.compress.passes.prune import Plan, PrunePass, layer_scores, rank_joint, top_k
 
@@ -60,11 +67,15 @@ def minilm() -> dict:
             scores = layer_scores(model, fam, calib)
         score_t.append(time.perf_counter() - t)
         extra_mb.append(mem.peak_mb - rss0)
-    cost = {"calib_samples": sum(len(b["input_ids"]) for b in calib), "score_seconds": round(float(np.median(score_t)), 2),
-            "plain_forward_seconds": round(float(np.median(plain_t)), 2),
-            "score_over_plain": round(float(np.median(np.array(score_t) / np.array(plain_t))), 2),
-            "rss_before_mb": round(rss0, 1), "peak_rss_mb": round(mem.peak_mb, 1),
-            "peak_extra_mb": round(float(max(extra_mb)), 1)}
+    cost = {
+        "calib_samples": sum(len(b["input_ids"]) for b in calib),
+        "score_seconds": round(float(np.median(score_t)), 2),
+        "plain_forward_seconds": round(float(np.median(plain_t)), 2),
+        "score_over_plain": round(float(np.median(np.array(score_t) / np.array(plain_t))), 2),
+        "rss_before_mb": round(rss0, 1),
+        "peak_rss_mb": round(mem.peak_mb, 1),
+        "peak_extra_mb": round(float(max(extra_mb)), 1),
+    }
     print("scoring", cost)
 
     def variant(**result) -> torch.nn.Module:
@@ -77,7 +88,7 @@ def minilm() -> dict:
         for k in counts:
             idx = top_k(scores[key], k)
             row = {"drop": kind, "k": k, "layers": idx}
-            for keep in ((True, False) if kind != "blocks" else (None,)):
+            for keep in (True, False) if kind != "blocks" else (None,):
                 f = fidelity(variant(**{kind: idx}, keep_norm=keep))
                 tag = "" if keep in (True, None) else "_no_norm"
                 row[f"cos_mean{tag}"], row[f"cos_worst{tag}"] = f["cos_mean"], f["cos_worst"]
@@ -87,13 +98,28 @@ def minilm() -> dict:
     for k in (2, 4):
         att, mlp = rank_joint(scores["attn"], scores["mlp"], k)
         f = fidelity(variant(attention=att, mlp=mlp, keep_norm=True))
-        extra.append({"drop": "joint", "k": k, "layers": {"attention": att, "mlp": mlp},
-                      "cos_mean": f["cos_mean"], "cos_worst": f["cos_worst"]})
+        extra.append(
+            {
+                "drop": "joint",
+                "k": k,
+                "layers": {"attention": att, "mlp": mlp},
+                "cos_mean": f["cos_mean"],
+                "cos_worst": f["cos_worst"],
+            }
+        )
     t = time.perf_counter()
     plan = PrunePass(drop_attn=3, iterative=True).plan(model, ctx)
     f = fidelity(variant(attention=plan.attention, keep_norm=True))
-    extra.append({"drop": "attention iterative", "k": 3, "layers": plan.attention, "cos_mean": f["cos_mean"],
-                  "cos_worst": f["cos_worst"], "seconds": round(time.perf_counter() - t, 2)})
+    extra.append(
+        {
+            "drop": "attention iterative",
+            "k": 3,
+            "layers": plan.attention,
+            "cos_mean": f["cos_mean"],
+            "cos_worst": f["cos_worst"],
+            "seconds": round(time.perf_counter() - t, 2),
+        }
+    )
     print(extra)
 
     # ---- ONNX Runtime latency: every default variant exported once, timed side by side
@@ -102,8 +128,12 @@ def minilm() -> dict:
     paths = {"fp32": export_fp32(ckpt, onnx_dir / "fp32.onnx")}
     for row in rows:
         name = f"{row['drop']}-{row['k']}"
-        pruned = ck.Checkpoint(model=variant(**{row["drop"]: row["layers"]}, keep_norm=True), family=fam,
-                               manifest=ckpt.manifest, source=ckpt.source)
+        pruned = ck.Checkpoint(
+            model=variant(**{row["drop"]: row["layers"]}, keep_norm=True),
+            family=fam,
+            manifest=ckpt.manifest,
+            source=ckpt.source,
+        )
         paths[name] = export_fp32(pruned, onnx_dir / f"{name}.onnx")  # validated against PyTorch, or raises
         row["onnx_mb"] = round(paths[name].stat().st_size / 2**20, 1)
     lat = interleaved_latencies(paths, ckpt)
@@ -117,8 +147,13 @@ def minilm() -> dict:
     for p in onnx_dir.glob("*"):
         p.unlink()
     onnx_dir.rmdir()
-    return {"scores": {k: [round(x, 4) for x in v] for k, v in scores.items()}, "scoring": cost, "rows": rows,
-            "extra": extra, "fp32": fp32}
+    return {
+        "scores": {k: [round(x, 4) for x in v] for k, v in scores.items()},
+        "scoring": cost,
+        "rows": rows,
+        "extra": extra,
+        "fp32": fp32,
+    }
 
 
 def interleaved_latencies(paths: dict, ckpt, batch_sizes=(1, 8), rounds: int = 8, runs: int = 4) -> dict:
@@ -152,9 +187,16 @@ def tiny_llama_decode(prompt: int = 32, new: int = 64, rounds: int = 7) -> dict:
         ids = torch.randint(5, 300, (batch, prompt), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"original": [], "half_attention": []}
 
-        def gen(m, n):
-            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0, use_cache=True)
+        def gen(m, n, ids=ids):
+            return m.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                use_cache=True,
+            )
 
         for m in (base, dropped):
             gen(m, 4)  # warm-up
@@ -173,7 +215,9 @@ def tiny_llama_decode(prompt: int = 32, new: int = 64, rounds: int = 7) -> dict:
         print("decode", batch, res)
     for name, m in (("original", base), ("half_attention", dropped)):
         cache = m(torch.randint(5, 300, (1, prompt)), use_cache=True).cache
-        out[f"kv_cache_bytes_{name}"] = int(sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers))
+        out[f"kv_cache_bytes_{name}"] = int(
+            sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+        )
         out[f"kv_cache_slots_{name}"] = len(cache.layers)
     return out
 
@@ -196,10 +240,14 @@ def table(m: dict, d: dict) -> str:
     ]
     for r in m["rows"]:
         nn = f"{r['cos_mean_no_norm']:.4f} / {r['cos_worst_no_norm']:.4f}" if "cos_mean_no_norm" in r else "-"
-        lines.append(f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | {nn} | "
-                     f"{r['speedup_b1']:.3f} | {r['speedup_b8']:.3f} | {r['onnx_mb']} |")
+        lines.append(
+            f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | {nn} | "
+            f"{r['speedup_b1']:.3f} | {r['speedup_b8']:.3f} | {r['onnx_mb']} |"
+        )
     for r in m["extra"]:
-        lines.append(f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | - | - | - | - |")
+        lines.append(
+            f"| {r['k']} {r['drop']} | {r['layers']} | {r['cos_mean']:.4f} | {r['cos_worst']:.4f} | - | - | - | - |"
+        )
     lines += [
         "",
         f"Scoring: {s['score_seconds']} s for 6 layers x {s['calib_samples']} samples, {s['score_over_plain']}x one plain "
@@ -217,8 +265,11 @@ def table(m: dict, d: dict) -> str:
     for b in (1, 8):
         r = d[f"decode_tokens_per_s_b{b}"]
         lines.append(f"| {b} | {r['original']} | {r['half_attention']} | {r['speedup']:.3f} |")
-    lines += ["", f"KV cache after the prompt: {d['kv_cache_slots_original']} slots, {d['kv_cache_bytes_original']} bytes "
-              f"-> {d['kv_cache_slots_half_attention']} slots, {d['kv_cache_bytes_half_attention']} bytes."]
+    lines += [
+        "",
+        f"KV cache after the prompt: {d['kv_cache_slots_original']} slots, {d['kv_cache_bytes_original']} bytes "
+        f"-> {d['kv_cache_slots_half_attention']} slots, {d['kv_cache_bytes_half_attention']} bytes.",
+    ]
     return "\n".join(lines)
 
 

@@ -38,8 +38,7 @@ from squeeze.compress.calibration import DataSpec, to_pixel_values
 from squeeze.compress.evaluate import compare_outputs, reference_outputs
 from squeeze.compress.export import export_onnx
 from squeeze.compress.passes import PassContext, run_pass
-from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
-from squeeze.compress.passes.quantize import onnx_check
+from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass, onnx_check
 
 torch.set_num_threads(1)
 
@@ -76,18 +75,23 @@ def minilm(tmp: Path) -> dict:
     for label, cfg, export in MINILM_RUNS:
         ckpt = ck.load(MINILM)
         new, seconds = quantize(ckpt, cfg)
-        row = {"config": cfg, "quantize_s": round(seconds, 1),
-               "fidelity_twin": compare_outputs(ref, reference_outputs(new.model, fam, evalb)),
-               "metrics": {k: v for k, v in new.manifest.ledger[-1]["metrics"].items() if k != "groups"}}
+        row = {
+            "config": cfg,
+            "quantize_s": round(seconds, 1),
+            "fidelity_twin": compare_outputs(ref, reference_outputs(new.model, fam, evalb)),
+            "metrics": {k: v for k, v in new.manifest.ledger[-1]["metrics"].items() if k != "groups"},
+        }
         if export:
             folder = ck.save(new, tmp / f"q{len(rows)}", force=True)
             saved = ck.load(folder)
             path = tmp / f"q{len(rows)}.onnx"
             rule = onnx_check.validation_rule(saved.manifest)
             report = export_onnx(saved, path, atol=100.0, rtol=100.0, force=True, latency=False)  # the rule decides
-            row["validation"] = {"rule": rule, "checks": [{k: c[k] for k in ("shape", "cosine", "max_abs")}
-                                                          for c in report["validation"]],
-                                 "ok": all(c["cosine"] >= rule["min_cosine"] for c in report["validation"])}
+            row["validation"] = {
+                "rule": rule,
+                "checks": [{k: c[k] for k in ("shape", "cosine", "max_abs")} for c in report["validation"]],
+                "ok": all(c["cosine"] >= rule["min_cosine"] for c in report["validation"]),
+            }
             row["onnx"] = path
             row["fidelity"] = onnx_fidelity(path, ref)
         rows[label] = row
@@ -116,9 +120,18 @@ def digits(tmp: Path) -> dict:
     order = np.random.default_rng(0).permutation(len(y))
     train, test = order[:1400], order[1400:]
     torch.manual_seed(0)
-    cfg = T.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, intermediate_size=128, num_labels=10, hidden_dropout_prob=0.0,
-                      architectures=["ViTForImageClassification"])
+    cfg = T.ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        architectures=["ViTForImageClassification"],
+    )
     model = T.ViTForImageClassification(cfg)
     px_train, px_test = to_pixel_values(imgs[train], 1, 8), to_pixel_values(imgs[test], 1, 8)
     y_train, y_test = torch.as_tensor(y[train]), torch.as_tensor(y[test])
@@ -130,7 +143,7 @@ def digits(tmp: Path) -> dict:
     for _ in range(epochs):
         perm = torch.randperm(len(train))
         for i in range(0, len(train), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = torch.nn.functional.cross_entropy(model(pixel_values=px_train[idx]).logits, y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -151,8 +164,9 @@ def digits(tmp: Path) -> dict:
     data = DataSpec(source=str(calib), samples=256, batch_size=64, eval_samples=64)
     for method in ("repquant", "percentile", "minmax"):
         for bits in (8, 6, 4):
-            new, seconds = quantize(ck.load(folder), {"weights": f"int{bits}", "activations": f"int{bits}", "method": method},
-                                    data)
+            new, _seconds = quantize(
+                ck.load(folder), {"weights": f"int{bits}", "activations": f"int{bits}", "method": method}, data
+            )
             table[f"{method} W{bits}A{bits}"] = accuracy(new.model)
             print(method, bits, table[f"{method} W{bits}A{bits}"], flush=True)
     return table
@@ -191,10 +205,17 @@ def markdown(rows: dict, vit: dict) -> str:
             v = r["validation"]
             val = f"cos >= {min(c['cosine'] for c in v['checks']):.5f} ({'ok' if v['ok'] else 'FAIL'})"
         q = f"{r['quantize_s']:.0f} s" if "quantize_s" in r else "-"
-        lines.append(f"| {k}{src} | {size} | {_f(fid['cos_mean'])} | {_f(fid['cos_worst'])} | {sp} | {sp8} | {kern} | {val} | {q} |")
-    lines += ["", f"Tiny ViT on load_digits (trained here in {vit['train_s']} s; test accuracy, 397 images; fp32 "
-              f"{vit['fp32']:.4f}). Weights and activations at the same bits; patch embedding and head stay float.", "",
-              "| method | W8A8 | W6A6 | W4A4 |", "|---|---|---|---|"]
+        lines.append(
+            f"| {k}{src} | {size} | {_f(fid['cos_mean'])} | {_f(fid['cos_worst'])} | {sp} | {sp8} | {kern} | {val} | {q} |"
+        )
+    lines += [
+        "",
+        f"Tiny ViT on load_digits (trained here in {vit['train_s']} s; test accuracy, 397 images; fp32 "
+        f"{vit['fp32']:.4f}). Weights and activations at the same bits; patch embedding and head stay float.",
+        "",
+        "| method | W8A8 | W6A6 | W4A4 |",
+        "|---|---|---|---|",
+    ]
     for method in ("repquant", "percentile", "minmax"):
         lines.append(f"| {method} | " + " | ".join(f"{vit[f'{method} W{b}A{b}']:.4f}" for b in (8, 6, 4)) + " |")
     return "\n".join(lines)

@@ -59,14 +59,22 @@ def main() -> None:
                 shutil.rmtree(jp.steps[-1].folder)
             resume_s, _ = timed_run(recipe, out)
             rep = report.build(results, out, f"recipes/{name}.yaml", [j.name for j in recipe.jobs])
-            data["recipes"][name] = {"fresh_s": round(fresh_s, 2), "cached_rerun_s": round(cached_s, 2),
-                                     "resume_last_step_s": round(resume_s, 2), "report": rep}
-            md += [f"### `squeeze run recipes/{name}.yaml`", "",
-                   f"Fresh run {fresh_s:.1f} s; rerun with every step finished {cached_s:.2f} s (in process: "
-                   f"imports excluded, the model's files hashed again) "
-                   f"({fresh_s / cached_s:.0f}x less); resume after losing each job's last step "
-                   f"{resume_s:.1f} s ({fresh_s / resume_s:.1f}x less).", ""]
-            md += report.markdown(rep).split("\n", 2)[2].strip().splitlines() + [""]
+            data["recipes"][name] = {
+                "fresh_s": round(fresh_s, 2),
+                "cached_rerun_s": round(cached_s, 2),
+                "resume_last_step_s": round(resume_s, 2),
+                "report": rep,
+            }
+            md += [
+                f"### `squeeze run recipes/{name}.yaml`",
+                "",
+                f"Fresh run {fresh_s:.1f} s; rerun with every step finished {cached_s:.2f} s (in process: "
+                f"imports excluded, the model's files hashed again) "
+                f"({fresh_s / cached_s:.0f}x less); resume after losing each job's last step "
+                f"{resume_s:.1f} s ({fresh_s / resume_s:.1f}x less).",
+                "",
+            ]
+            md += [*report.markdown(rep).split("\n", 2)[2].strip().splitlines(), ""]
             for jp in pipeline.plan(recipe, out):
                 if jp.steps[-1].name == "export":
                     graphs[jp.job.name] = jp.steps[-1].folder / pipeline.ONNX_NAME
@@ -75,14 +83,23 @@ def main() -> None:
         lat = latencies(paths, original)
         base = lat["fp32 export of the original"]
         data["side_by_side_latency_ms"] = lat
-        md += ["### Side by side (ONNX Runtime CPU, 2 threads, 128 tokens, median, interleaved rounds)", "",
-               "| graph | size | latency b1 | latency b8 | speed-up b1 | speed-up b8 |", "|---|---|---|---|---|---|"]
+        md += [
+            "### Side by side (ONNX Runtime CPU, 2 threads, 128 tokens, median, interleaved rounds)",
+            "",
+            "| graph | size | latency b1 | latency b8 | speed-up b1 | speed-up b8 |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, path in paths.items():
-            md.append(f"| {name} | {path.stat().st_size / 2**20:.1f} MB | {lat[name][1]:.2f} ms | {lat[name][8]:.2f} ms | "
-                      f"{base[1] / lat[name][1]:.2f}x | {base[8] / lat[name][8]:.2f}x |")
+            md.append(
+                f"| {name} | {path.stat().st_size / 2**20:.1f} MB | {lat[name][1]:.2f} ms | {lat[name][8]:.2f} ms | "
+                f"{base[1] / lat[name][1]:.2f}x | {base[8] / lat[name][8]:.2f}x |"
+            )
     m = machine()
-    head = [f"all-MiniLM-L6-v2 on {m['cores']} CPU cores (torch {m['torch']}, onnxruntime {m['onnxruntime']}); "
-            + (f"calibration/evaluation capped at {args.samples} samples" if args.samples else "recipes as written"), ""]
+    head = [
+        f"all-MiniLM-L6-v2 on {m['cores']} CPU cores (torch {m['torch']}, onnxruntime {m['onnxruntime']}); "
+        + (f"calibration/evaluation capped at {args.samples} samples" if args.samples else "recipes as written"),
+        "",
+    ]
     write_results("run", data, "\n".join(head + md))
 
 

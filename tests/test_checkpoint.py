@@ -130,7 +130,9 @@ def test_manifest_edit_round_trips(tiny_dirs, tmp_path, monkeypatch):
     out = run_pass(_AddBufferPass(factor=3.0), [base], ctx)
     ck.save(out, tmp_path / "e")
     manifest = json.loads((tmp_path / "e" / "squeeze.json").read_text())
-    assert manifest["edits"] == [{"pass": "test_buffer", "config": {"factor": 3.0}, "result": {"buffer": "squeeze_test_scale"}}]
+    assert manifest["edits"] == [
+        {"pass": "test_buffer", "config": {"factor": 3.0}, "result": {"buffer": "squeeze_test_scale"}}
+    ]
     ledger = manifest["ledger"][0]
     assert ledger["name"] == "test_buffer" and ledger["fidelity"]["cos_mean"] == pytest.approx(1.0)
     back = ck.load(tmp_path / "e")

@@ -99,10 +99,20 @@ def test_tensorrt_check_flags_contrib_and_unknown_ops(tmp_path):
         helper.make_node("MatMulInteger", ["b", "b"], ["c"]),
         helper.make_node("Mystery", ["c"], ["y"], domain="acme"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
-                                                    helper.make_opsetid("acme", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 18),
+            helper.make_opsetid("com.microsoft", 1),
+            helper.make_opsetid("acme", 1),
+        ],
+    )
     trt = tensorrt_readiness(model)
     assert not trt["ok"]
     text = " ".join(trt["problems"])
@@ -117,6 +127,8 @@ def test_eval_onnx_against_checkpoint(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "l.onnx"
     assert main(["export", str(tiny_dirs["llama"]), "-o", str(out)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(out), "--ref", str(tiny_dirs["llama"]), "--json", "--samples", "4", "--seq-len", "32"]) == 0
+    assert (
+        main(["eval", str(out), "--ref", str(tiny_dirs["llama"]), "--json", "--samples", "4", "--seq-len", "32"]) == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["cos_worst"] > 0.99999 and res["top1"] == 1.0 and res["ppl"] == pytest.approx(res["ppl_ref"], rel=1e-4)

@@ -19,8 +19,10 @@ def _inputs(path) -> list[str]:
 
 def test_recipe_export_of_a_causal_lm_has_the_cache(tmp_path, tiny_dirs):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"version: 1\ndefaults:\n  calibration: {CAL}\njobs:\n  - name: a\n"
-                      f"    model: {tiny_dirs['llama']}\n    steps:\n      - export: {{latency: false}}\n")
+    recipe.write_text(
+        f"version: 1\ndefaults:\n  calibration: {CAL}\njobs:\n  - name: a\n"
+        f"    model: {tiny_dirs['llama']}\n    steps:\n      - export: {{latency: false}}\n"
+    )
     out = tmp_path / "out"
     assert main(["run", str(recipe), "-o", str(out)]) == 0
     assert "past_key_values.0.key" in _inputs(out / "a" / "01-export" / "model.onnx")

@@ -97,7 +97,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state:
                 found = dfs(nxt)
                 if found:
@@ -130,7 +130,9 @@ def test_compress_has_no_import_cycle():
 
 def test_the_workshop_never_imports_a_pass():
     edges = graph()
-    workshop = [f"squeeze.compress.{m}" for m in ("families", "surgery", "capture", "calibration", "evaluate", "errors")]
+    workshop = [
+        f"squeeze.compress.{m}" for m in ("families", "surgery", "capture", "calibration", "evaluate", "errors")
+    ]
     for mod in workshop:
         ups = sorted(d for d in edges[mod] if d.startswith(("squeeze.compress.passes", "squeeze.compress.run")))
         assert not ups, f"{mod} imports {ups}"

@@ -10,8 +10,6 @@ from squeeze.cli.main import main
 from squeeze.kernels.registry import KERNELS, finalize_onnx, onnx_model_for, validate
 
 
-
-
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_three_implementations_agree(name):
     result = validate(KERNELS[name], seed=1)
@@ -60,8 +58,12 @@ def test_lowerings_emit_standard_ops_only():
 
 def test_finalize_refuses_an_unknown_squeeze_op():
     node = onnx.helper.make_node("NoSuchOp", ["x"], ["y"], domain="squeeze")
-    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", 1, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", 1, [1])])
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [1])],
+        [onnx.helper.make_tensor_value_info("y", 1, [1])],
+    )
     with pytest.raises(ValueError, match="NoSuchOp"):
         finalize_onnx(onnx.helper.make_model(graph))
 

@@ -82,8 +82,9 @@ def _stages():
     from squeeze.compress import checkpoint, pipeline
 
     def step_mark(nth):
-        return lambda: _die_on(pipeline, "write_json", nth, when=lambda p, *a, **k: Path(p).name == "step.json",
-                               before=True)
+        return lambda: _die_on(
+            pipeline, "write_json", nth, when=lambda p, *a, **k: Path(p).name == "step.json", before=True
+        )
 
     return {
         "prune-save": lambda: _die_on(checkpoint, "save_weights", 1),

@@ -14,8 +14,27 @@ from pathlib import Path
 from squeeze.compress.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERIC = {"attention", "self", "output", "dense", "mlp", "layers", "embeddings", "norm", "classifier", "attn", "h",
-           "layer", "encoder", "transformer", "key", "value", "intermediate", "o", "LayerNorm"}
+GENERIC = {
+    "attention",
+    "self",
+    "output",
+    "dense",
+    "mlp",
+    "layers",
+    "embeddings",
+    "norm",
+    "classifier",
+    "attn",
+    "h",
+    "layer",
+    "encoder",
+    "transformer",
+    "key",
+    "value",
+    "intermediate",
+    "o",
+    "LayerNorm",
+}
 
 
 def _hf_names() -> set[str]:
@@ -37,7 +56,7 @@ def _files() -> list[Path]:
 
 
 def leaks(names: set[str], files: list[Path]) -> list[str]:
-    pattern = re.compile(r"""(\.|["'])(%s)\b""" % "|".join(sorted(map(re.escape, names))))
+    pattern = re.compile(r"""(\.|["'])({})\b""".format("|".join(sorted(map(re.escape, names)))))
     found = []
     for path in files:
         for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -49,7 +68,7 @@ def leaks(names: set[str], files: list[Path]) -> list[str]:
 
 def test_the_check_finds_a_leak(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text('w = layer.self_attn.q_proj.weight  # a pass reaching into llama by name\n')
+    bad.write_text("w = layer.self_attn.q_proj.weight  # a pass reaching into llama by name\n")
     assert len(leaks(_hf_names(), [bad])) == 1
     bad.write_text('q = family.role(layer, "q")  # by role: fine\n')
     assert leaks(_hf_names(), [bad]) == []

@@ -56,7 +56,7 @@ def _batch(ckpt):
 
 
 def _out(model, family, batch):
-    (name, value), = model_outputs(model, family, batch).items()
+    ((name, value),) = model_outputs(model, family, batch).items()
     return name, value
 
 
@@ -168,10 +168,13 @@ def test_generate_per_expert_cache(fam):
     merged = MergedModel([a, b], [1, 1])
     seen: list[tuple[int, int]] = []  # (expert, tokens fed) per forward call
     for i, expert in enumerate(merged.experts):
-        expert.register_forward_pre_hook(lambda m, args, kw, i=i: seen.append((i, kw["input_ids"].shape[1])),
-                                         with_kwargs=True)
+        expert.register_forward_pre_hook(
+            lambda m, args, kw, i=i: seen.append((i, kw["input_ids"].shape[1])), with_kwargs=True
+        )
     cached = merged.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=True)
-    assert sorted(seen) == sorted([(i, 7) for i in (0, 1)] + [(i, 1) for i in (0, 1)] * 9)  # each expert's cache is used
+    assert sorted(seen) == sorted(
+        [(i, 7) for i in (0, 1)] + [(i, 1) for i in (0, 1)] * 9
+    )  # each expert's cache is used
     uncached = merged.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=False)
     assert torch.equal(cached, uncached)
     out = merged(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -220,7 +223,9 @@ def _refusal_cases(experts, tiny_dirs, root):
     vit10c = _expert("vit", tiny_dirs, root / "vit10c", seed=2, num_labels=10, **vit_cls)
     named = _expert("vit", tiny_dirs, root / "named", seed=3, id2label={i: f"digit {i}" for i in range(10)}, **vit_cls)
     for folder, mean in ((vit10b, 0.5), (vit10, 0.4)):
-        (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [mean] * 3, "size": {"height": 16, "width": 16}}))
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": [mean] * 3, "size": {"height": 16, "width": 16}})
+        )
     cls = _expert("bert", tiny_dirs, root / "bert_cls", seed=1, architectures=["BertForSequenceClassification"])
     return {
         "family": ([experts["bert"][0], experts["gpt2"][0]], [], ["bert", "gpt2"]),
@@ -259,8 +264,13 @@ def test_config_recipe_form_and_validation():
     assert cfg.others == ["b", "c"]  # the recipe's old key "with" reads as MultiModelConfig.others
     assert MergeConfig(**cfg.model_dump(mode="json")) == cfg  # what checkpoint.load replays
     assert MergeConfig.model_validate({"with": ["b"]}).weights is None
-    for bad in ({"with": ["b"], "weights": [1, 1, 1]}, {"weights": [1, -1]}, {"weights": [0, 0]},
-                {"weights": [1]}, {"with": ["b"], "wieghts": [1, 1]}):
+    for bad in (
+        {"with": ["b"], "weights": [1, 1, 1]},
+        {"weights": [1, -1]},
+        {"weights": [0, 0]},
+        {"weights": [1]},
+        {"with": ["b"], "wieghts": [1, 1]},
+    ):
         with pytest.raises(ValidationError):
             MergeConfig.model_validate(bad)
 

@@ -21,8 +21,10 @@ MINILM_SAMPLES = 8
 
 def _recipe(tmp_path: Path, model: Path, steps: str, name: str = "r.yaml", extra_jobs: str = "") -> Path:
     path = tmp_path / name
-    path.write_text(f"version: 1\ndefaults:\n  calibration: {CAL}\njobs:\n  - name: a\n    model: {model}\n"
-                    f"    steps:\n{steps}{extra_jobs}")
+    path.write_text(
+        f"version: 1\ndefaults:\n  calibration: {CAL}\njobs:\n  - name: a\n    model: {model}\n"
+        f"    steps:\n{steps}{extra_jobs}"
+    )
     return path
 
 
@@ -32,14 +34,18 @@ def _rows(out: Path) -> dict[str, list[dict]]:
 
 def _final_files(folder: Path) -> dict[str, object]:
     """What defines a checkpoint: weights and config bytes, the manifest without timings."""
-    return {"model.safetensors": (folder / "model.safetensors").read_bytes(),
-            "config.json": (folder / "config.json").read_bytes(),
-            "squeeze.json": strip_volatile(json.loads((folder / "squeeze.json").read_text()))}
+    return {
+        "model.safetensors": (folder / "model.safetensors").read_bytes(),
+        "config.json": (folder / "config.json").read_bytes(),
+        "squeeze.json": strip_volatile(json.loads((folder / "squeeze.json").read_text())),
+    }
 
 
-STEPS3 = ("      - toy_scale: {factor: 2.0, noise: 0.01}\n"
-          "      - toy_scale: {factor: 0.5, noise: 0.02}\n"
-          "      - toy_cal: {bits: 8}\n")
+STEPS3 = (
+    "      - toy_scale: {factor: 2.0, noise: 0.01}\n"
+    "      - toy_scale: {factor: 0.5, noise: 0.02}\n"
+    "      - toy_cal: {bits: 8}\n"
+)
 
 
 def test_resume_after_a_crash_gives_the_same_checkpoint(tmp_path, tiny_dirs, toys, monkeypatch, capsys):
@@ -105,8 +111,10 @@ def test_plan_marks_finished_steps(tmp_path, tiny_dirs, toys):
 
 
 def test_a_failing_job_is_reported_and_the_others_still_run(tmp_path, tiny_dirs, toys, capsys):
-    other = ("\n  - name: b\n    model: {m}\n    steps: [{{toy_scale: {{factor: 3}}}}]\n"
-             "  - name: c\n    model: {m}\n    steps: [{{toy_scale: {{fail: true}}}}]\n").format(m=tiny_dirs["gpt2"])
+    other = (
+        "\n  - name: b\n    model: {m}\n    steps: [{{toy_scale: {{factor: 3}}}}]\n"
+        "  - name: c\n    model: {m}\n    steps: [{{toy_scale: {{fail: true}}}}]\n"
+    ).format(m=tiny_dirs["gpt2"])
     path = _recipe(tmp_path, tiny_dirs["bert"], "      - toy_scale: {fail: true}\n", extra_jobs=other)
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out)]) == 1
@@ -126,16 +134,19 @@ def test_a_step_another_job_computed_is_copied(tmp_path, tiny_dirs, toys):
     rows = _rows(out)
     assert rows["b"][1]["cached"] is True and rows["b"][1]["key"] == rows["a"][1]["key"]
     assert ToyScale.calls == 2  # a's step, then b's second step
-    assert (out / "b" / "01-toy_scale" / "model.safetensors").read_bytes() == \
-        (out / "a" / "01-toy_scale" / "model.safetensors").read_bytes()
+    assert (out / "b" / "01-toy_scale" / "model.safetensors").read_bytes() == (
+        out / "a" / "01-toy_scale" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_matrix_writes_one_folder_per_point_and_job_selection(tmp_path, tiny_dirs, toys):
     path = tmp_path / "sweep.yaml"
-    path.write_text(f"version: 1\njobs:\n  - name: s-${{f}}\n    model: {tiny_dirs['llama']}\n"
-                    f"    calibration: {CAL}\n    matrix: {{f: [0.5, 2.0]}}\n"
-                    "    steps: [{toy_scale: {factor: '${f}'}}]\n"
-                    f"  - name: other\n    model: {tiny_dirs['llama']}\n    steps: [toy_scale]\n")
+    path.write_text(
+        f"version: 1\njobs:\n  - name: s-${{f}}\n    model: {tiny_dirs['llama']}\n"
+        f"    calibration: {CAL}\n    matrix: {{f: [0.5, 2.0]}}\n"
+        "    steps: [{toy_scale: {factor: '${f}'}}]\n"
+        f"  - name: other\n    model: {tiny_dirs['llama']}\n    steps: [toy_scale]\n"
+    )
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out), "--job", "s-${f}"]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["s-0.5", "s-2.0"]
@@ -147,7 +158,9 @@ def test_matrix_writes_one_folder_per_point_and_job_selection(tmp_path, tiny_dir
 
 
 def test_report_files_hold_the_printed_numbers(tmp_path, tiny_dirs, toys, capsys):
-    path = _recipe(tmp_path, tiny_dirs["bert"], "      - toy_scale: {factor: 1.5}\n      - export: {latency_seq_len: 32}\n")
+    path = _recipe(
+        tmp_path, tiny_dirs["bert"], "      - toy_scale: {factor: 1.5}\n      - export: {latency_seq_len: 32}\n"
+    )
     out = tmp_path / "out"
     assert main(["run", str(path), "-o", str(out)]) == 0
     printed = capsys.readouterr().out

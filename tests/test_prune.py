@@ -23,8 +23,16 @@ from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.families import family_for
 from squeeze.compress.passes import REGISTRY, Edit, PassContext, run_pass
-from squeeze.compress.passes.prune import (POST_LN_KEEP_NORM, Plan, PruneConfig, PrunePass, layer_scores, rank_joint,
-                                          to_indices, to_mask)
+from squeeze.compress.passes.prune import (
+    POST_LN_KEEP_NORM,
+    Plan,
+    PruneConfig,
+    PrunePass,
+    layer_scores,
+    rank_joint,
+    to_indices,
+    to_mask,
+)
 
 SPEC = DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4)
 S_ONE_TOL = 1e-6  # a zero o_proj gives h' == h bit for bit; cos(h, h) in fp32 measured within 6e-8 of 1
@@ -55,10 +63,12 @@ def _zero_branch_reference(model, family, k: int, which: str, keep_norm: bool | 
         mod = family.role(layer, which)
         mod = mod[-1] if isinstance(mod, tuple) else mod
         mod.register_forward_hook(
-            lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out))
+            lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple) else torch.zeros_like(out)
+        )
     elif keep_norm:  # post-LN, norm kept: LN(h + 0)
         family.role(layer, "attn_out" if which == "attn" else "mlp_out").register_forward_hook(
-            lambda m, a, out: torch.zeros_like(out))
+            lambda m, a, out: torch.zeros_like(out)
+        )
     elif which == "attn":  # post-LN, norm gone too: the block returns its input
         family.role(layer, "attn").register_forward_hook(lambda m, a, out: (a[0], *out[1:]))
     else:
@@ -138,8 +148,12 @@ def test_layer_by_layer_scores_equal_full_forward(tiny_dirs, name):
     with torch.no_grad():
         for b in batches:
             kw = {k: v for k, v in b.items() if k in fam.model_inputs}
-            hs = ckpt.model(**kw, output_hidden_states=True, **({"use_cache": False} if fam.causal else {})).hidden_states
-            mask = b["attention_mask"].bool() if "attention_mask" in b else torch.ones(hs[0].shape[:2], dtype=torch.bool)
+            hs = ckpt.model(
+                **kw, output_hidden_states=True, **({"use_cache": False} if fam.causal else {})
+            ).hidden_states
+            mask = (
+                b["attention_mask"].bool() if "attention_mask" in b else torch.ones(hs[0].shape[:2], dtype=torch.bool)
+            )
             for i in range(len(hs) - 2):  # the last entry may carry the final norm
                 sums[i] += torch.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)[mask].double().sum()
                 if i + 2 < len(hs) - 1:
@@ -210,7 +224,7 @@ def test_manifest_lists_and_masks_round_trip(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("kw", [{"drop_attn": 0.5}, {"drop_mlp": 1, "iterative": True}, {"drop_blocks": 2}])
 def test_saved_checkpoint_reloads_exactly(tiny, tmp_path, kw):
-    name, folder = tiny
+    _name, folder = tiny
     ckpt = ck.load(folder)
     new = run_pass(PrunePass(**kw), [ckpt], _ctx(ckpt), measure_fidelity=False)
     out = ck.save(new, tmp_path / "out")
@@ -257,15 +271,27 @@ def test_cache_slots_keep_their_layer_type():
     attention, each kept layer must use a cache slot of its own type."""
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(
-        vocab_size=384, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=256, use_sliding_window=True, sliding_window=6,
-        layer_types=["full_attention", "full_attention", "sliding_attention", "sliding_attention"])
+        vocab_size=384,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        use_sliding_window=True,
+        sliding_window=6,
+        layer_types=["full_attention", "full_attention", "sliding_attention", "sliding_attention"],
+    )
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     fam = family_for("qwen2")
     PrunePass.apply_plan(model, Plan(num_layers=4, attention=[0]), fam)
     assert torch.equal(_generate(model, use_cache=True), _generate(model, use_cache=False))
     slots = model(torch.tensor([[5, 6, 7]]), use_cache=True).cache.layers
-    assert [type(s).__name__ for s in slots] == ["DynamicLayer", "DynamicSlidingWindowLayer", "DynamicSlidingWindowLayer"]
+    assert [type(s).__name__ for s in slots] == [
+        "DynamicLayer",
+        "DynamicSlidingWindowLayer",
+        "DynamicSlidingWindowLayer",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +303,7 @@ def test_cache_slots_keep_their_layer_type():
 def test_pruned_exports_validate(tiny, tmp_path, kw):
     from squeeze.compress.export import export_onnx
 
-    name, folder = tiny
+    _name, folder = tiny
     ckpt = ck.load(folder)
     new = run_pass(PrunePass(**kw), [ckpt], _ctx(ckpt), measure_fidelity=False)
     report = export_onnx(new, tmp_path / "m.onnx", latency=False)
@@ -303,47 +329,56 @@ def test_export_with_every_attention_dropped(tiny_dirs, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw,message", [
-    ({"drop_attn": -0.5}, "must not be negative"),
-    ({"drop_attn": 1.5}, "at most 1.0"),
-    ({"drop_attn": True}, "a share in [0, 1]"),
-    ({"drop_attn": 0.5, "drop_mlp": 1}, "exactly one of"),
-    ({}, "exactly one of"),
-    ({"attn_layers": [1, 1]}, "repeat"),
-    ({"attn_layers": [-1]}, ">= 0"),
-    ({"attn_layers": [1], "iterative": True}, "iterative"),
-    ({"drop_attn": 1, "consecutive": True}, "consecutive"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"drop_attn": -0.5}, "must not be negative"),
+        ({"drop_attn": 1.5}, "at most 1.0"),
+        ({"drop_attn": True}, "a share in [0, 1]"),
+        ({"drop_attn": 0.5, "drop_mlp": 1}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"attn_layers": [1, 1]}, "repeat"),
+        ({"attn_layers": [-1]}, ">= 0"),
+        ({"attn_layers": [1], "iterative": True}, "iterative"),
+        ({"drop_attn": 1, "consecutive": True}, "consecutive"),
+    ],
+)
 def test_bad_configs(kw, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         PruneConfig(**kw)
 
 
-@pytest.mark.parametrize("name,kw,message", [
-    ("bert", {"drop_attn": 5}, "cannot drop 5 attention sublayers: the model has only 4"),
-    ("bert", {"drop_joint": 9}, "cannot drop 9 sublayers: the model has only 8"),
-    ("vit", {"attn_layers": [4]}, "layer index 4 out of range"),
-    ("bert", {"drop_blocks": 1.0}, "cannot drop all 4 blocks"),
-    ("llama", {"drop_attn": 1.0}, "cannot drop all 4 attention layers of a decoder"),
-    ("llama", {"keep_norm": True, "drop_attn": 1}, "post-LN encoders (bert) only; llama is a pre-norm decoder"),
-    ("gpt2", {"keep_norm": False, "drop_mlp": 1}, "gpt2 is a pre-norm decoder"),
-])
+@pytest.mark.parametrize(
+    "name,kw,message",
+    [
+        ("bert", {"drop_attn": 5}, "cannot drop 5 attention sublayers: the model has only 4"),
+        ("bert", {"drop_joint": 9}, "cannot drop 9 sublayers: the model has only 8"),
+        ("vit", {"attn_layers": [4]}, "layer index 4 out of range"),
+        ("bert", {"drop_blocks": 1.0}, "cannot drop all 4 blocks"),
+        ("llama", {"drop_attn": 1.0}, "cannot drop all 4 attention layers of a decoder"),
+        ("llama", {"keep_norm": True, "drop_attn": 1}, "post-LN encoders (bert) only; llama is a pre-norm decoder"),
+        ("gpt2", {"keep_norm": False, "drop_mlp": 1}, "gpt2 is a pre-norm decoder"),
+    ],
+)
 def test_bad_requests_for_the_model(tiny_dirs, name, kw, message):
     ckpt = ck.load(tiny_dirs[name])
     with pytest.raises(SqueezeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         PrunePass(**kw).check(ckpt.family, [ckpt.model])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--drop-attn", "1.5"], "--drop-attn: a share must be at most 1.0"),
-    (["--drop-attn", "-1"], "--drop-attn: must not be negative"),
-    (["--drop-attn", "half"], "--drop-attn: expected a share"),
-    (["--drop-attn", "9"], "cannot drop 9 attention sublayers"),
-    (["--attn-layers", "1,x"], "--attn-layers: expected comma-separated"),
-    (["--attn-layers", "7"], "layer index 7 out of range"),
-    (["--drop-attn", "1", "--keep-norm"], "post-LN encoders (bert) only"),
-    (["--drop-attn", "0.5", "--drop-mlp", "1"], "exactly one of"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--drop-attn", "1.5"], "--drop-attn: a share must be at most 1.0"),
+        (["--drop-attn", "-1"], "--drop-attn: must not be negative"),
+        (["--drop-attn", "half"], "--drop-attn: expected a share"),
+        (["--drop-attn", "9"], "cannot drop 9 attention sublayers"),
+        (["--attn-layers", "1,x"], "--attn-layers: expected comma-separated"),
+        (["--attn-layers", "7"], "layer index 7 out of range"),
+        (["--drop-attn", "1", "--keep-norm"], "post-LN encoders (bert) only"),
+        (["--drop-attn", "0.5", "--drop-mlp", "1"], "exactly one of"),
+    ],
+)
 def test_cli_errors_exit_2_and_write_nothing(tiny_dirs, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     assert main(["prune", str(tiny_dirs["llama"]), *args, "-o", str(out)]) == 2

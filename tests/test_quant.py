@@ -17,16 +17,15 @@ from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.families import BERT
 from squeeze.compress.passes import PassContext, run_pass
-from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
-from squeeze.compress.passes.quantize import onnx_check
+from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass, onnx_check
 from squeeze.compress.passes.quantize.modules import QuantEmbedding, QuantLinear
-
-
 
 FAMILIES = ("bert", "vit", "llama", "gpt2")
 COS_16BIT = 0.9995  # W16A16 vs float; measured 0.99985 (llama: eval activations beyond the calibrated range clip)
 W16_MAX_ABS = 1e-3  # weight-only int16 vs float, measured 2.8e-5 (llama logits)
-REL_16BIT = 0.1  # max |diff| / max |float|, real tokens; measured 0.04 (llama: eval values beyond the calibrated range clip)
+REL_16BIT = (
+    0.1  # max |diff| / max |float|, real tokens; measured 0.04 (llama: eval values beyond the calibrated range clip)
+)
 SPEC = DataSpec(samples=16, seq_len=32, batch_size=8, eval_samples=8)
 
 
@@ -53,7 +52,7 @@ def _outputs(ckpt, batch):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sixteen_bits_matches_the_float_model(name, tiny_dirs, images):
-    ckpt, new, ctx = _quantize(tiny_dirs[name], images, weights="int16", activations="int16", clip_steps=5)
+    _ckpt, new, ctx = _quantize(tiny_dirs[name], images, weights="int16", activations="int16", clip_steps=5)
     fid = new.manifest.ledger[-1]["fidelity"]
     assert fid["cos_worst"] >= COS_16BIT, fid
     assert any(isinstance(m, QuantLinear) for m in new.model.modules())
@@ -76,8 +75,11 @@ def test_reload_equals_the_in_memory_quantized_model(name, tiny_dirs, images, tm
     _, new, _ = _quantize(tiny_dirs[name], images, activations=act, clip_steps=5)
     out = save(new, tmp_path / "q")
     back = load(out)
-    batch = PassContext(family=new.family, checkpoint=new,
-                        calibration=SPEC if name != "vit" else SPEC.model_copy(update={"source": images})).eval_batches()[0]
+    batch = PassContext(
+        family=new.family,
+        checkpoint=new,
+        calibration=SPEC if name != "vit" else SPEC.model_copy(update={"source": images}),
+    ).eval_batches()[0]
     with torch.no_grad():
         assert torch.equal(_outputs(new, batch), _outputs(back, batch))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -90,7 +92,7 @@ def test_reload_equals_the_in_memory_quantized_model(name, tiny_dirs, images, tm
 
 
 def test_static_repquant_uses_logsqrt2_attention_and_reports_the_ledger(tiny_dirs, images):
-    _, new, ctx = _quantize(tiny_dirs["vit"], images, activations="int8", clip_steps=5)
+    _, new, _ctx = _quantize(tiny_dirs["vit"], images, activations="int8", clip_steps=5)
     edit = new.manifest.edits[-1]
     assert edit["result"]["attention"] == {"bits": 8, "softmax": "logsqrt2", "layers": [0, 1, 2, 3]}
     groups = new.manifest.ledger[-1]["metrics"]["groups"]
@@ -167,14 +169,17 @@ def test_bct_quantizes_weights_and_inputs_per_block(tiny_dirs, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--weights", "int1"], "int2..int16"),
-    (["--weights", "int17"], "int2..int16"),
-    (["--activations", "int0"], "int2..int16"),
-    (["--activations", "fp8"], "int2..int16"),
-    (["--weights", "int16"], "weights must be int8"),  # dynamic activations are ORT's int8 kernels
-    (["--method", "bct"], "bct"),  # bct needs static or no activation quantization
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--weights", "int1"], "int2..int16"),
+        (["--weights", "int17"], "int2..int16"),
+        (["--activations", "int0"], "int2..int16"),
+        (["--activations", "fp8"], "int2..int16"),
+        (["--weights", "int16"], "weights must be int8"),  # dynamic activations are ORT's int8 kernels
+        (["--method", "bct"], "bct"),  # bct needs static or no activation quantization
+    ],
+)
 def test_bad_bits_and_combinations_are_refused(flags, message, tiny_dirs, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_dirs["bert"]), "-o", str(out), *flags]) == 2
@@ -186,7 +191,9 @@ def test_static_activations_need_real_calibration_data(tiny_dirs, tmp_path, caps
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_dirs["vit"]), "-o", str(out), "--activations", "int8"]) == 2
     assert "calibration images" in capsys.readouterr().err
-    assert main(["quantize", str(tiny_dirs["bert"]), "-o", str(out), "--activations", "int8", "--calib", "synthetic"]) == 2
+    assert (
+        main(["quantize", str(tiny_dirs["bert"]), "-o", str(out), "--activations", "int8", "--calib", "synthetic"]) == 2
+    )
     assert "not synthetic" in capsys.readouterr().err
     assert not out.exists()
 

@@ -12,10 +12,13 @@ from squeeze.compress.passes.quantize import dual_clip, reparam, uniform
 from squeeze.compress.passes.quantize.gptq import gptq, hessian
 from squeeze.compress.passes.quantize.modules import ChannelAffine
 from squeeze.compress.passes.quantize.uniform import Grid
-from squeeze.kernels.logsqrt2_softmax import (logsqrt2_codes, logsqrt2_dequantize, logsqrt2_dequantize_shift,
-                                              logsqrt2_matmul_shift, search_scale)
-
-
+from squeeze.kernels.logsqrt2_softmax import (
+    logsqrt2_codes,
+    logsqrt2_dequantize,
+    logsqrt2_dequantize_shift,
+    logsqrt2_matmul_shift,
+    search_scale,
+)
 
 REPARAM_FP_TOL = 1e-6  # float64 LayerNorm -> linear before / after folding; measured 4e-15
 SHIFT_FORM_TOL = 1e-12  # float64 shift form vs s * 2^(-q/2); measured 2e-16
@@ -58,7 +61,10 @@ def test_percentile_search_clips_an_outlier_and_never_loses_to_minmax():
     grid = Grid(4, symmetric=False)
     lo, hi = uniform.search_range(x, grid)
     assert hi < 8.0
-    mse = lambda lo, hi: float((uniform.fake_quant(x, *uniform.params_from_range(lo, hi, grid), grid) - x).pow(2).mean())
+
+    def mse(lo, hi):
+        return float((uniform.fake_quant(x, *uniform.params_from_range(lo, hi, grid), grid) - x).pow(2).mean())
+
     assert mse(lo, hi) <= mse(*uniform.minmax_range(x))
 
 
@@ -69,7 +75,10 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     w = torch.randn(32, 64, generator=g)
     grid = uniform.weight_grid(4)
     s, z = uniform.weight_params(w, grid, "minmax")
-    err = lambda c: float((x @ ((c - z) * s).t() - x @ w.t()).pow(2).mean())
+
+    def err(c):
+        return float((x @ ((c - z) * s).t() - x @ w.t()).pow(2).mean())
+
     assert err(gptq(w, hessian(x), s, z, grid)) < 0.7 * err(uniform.quantize_weight(w, s, z, grid))
 
 
@@ -98,7 +107,7 @@ def test_logsqrt2_shift_matmul_equals_dequantized_matmul():
 
 
 def test_logsqrt2_codes_are_the_rounded_log():
-    a = torch.tensor([1.0, 0.5, 0.25, 2 ** -0.5, 1e-9])
+    a = torch.tensor([1.0, 0.5, 0.25, 2**-0.5, 1e-9])
     q = logsqrt2_codes(a, 1.0)
     assert q.tolist()[:4] == [0.0, 2.0, 4.0, 1.0]
     assert q[4] == torch.round(-2 * torch.log2(torch.tensor(1e-9)))

@@ -103,7 +103,7 @@ def _run(tmp_path: Path, model: Path, out: str, *extra: str) -> Path:
     return tmp_path / out
 
 
-def test_ray_matrix_equals_local_and_a_killed_worker_is_retried(tmp_path, tiny_dirs, toys, monkeypatch, ray_cluster):  # noqa: F811
+def test_ray_matrix_equals_local_and_a_killed_worker_is_retried(tmp_path, tiny_dirs, toys, monkeypatch, ray_cluster):
     local = _tree(_run(tmp_path, tiny_dirs["bert"], "local"))
     ray_out = _run(tmp_path, tiny_dirs["bert"], "ray", "--executor", "ray")
     assert sorted(p.name for p in ray_out.iterdir() if p.is_dir()) == ["m-0.5", "m-1.5", "m-2.0", "m-3.0"]

@@ -14,6 +14,7 @@ from squeeze.cli.main import main
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.recipe import load_recipe, parse_recipe, step_classes
 
+
 def test_recipes_folder_has_the_demo_a_sweep_and_every_family():
     names = {p.stem for p in RECIPE_FILES}
     assert "minilm-edge" in names
@@ -41,55 +42,115 @@ HEAD = "version: 1\njobs:\n  - name: a\n    model: {model}\n"
 CAL = "    calibration: {{source: builtin, samples: 4, eval_samples: 4}}\n"
 
 BAD = {
-    "typo_in_config": (HEAD + "    steps:\n      - toy_scale: {{factr: 2}}  # <-\n",
-                       "jobs[0].steps[0].toy_scale.factr", "unknown key"),
-    "unknown_pass": (HEAD + "    steps:\n      - toy_scael: {{}}  # <-\n",
-                     "jobs[0].steps[0].toy_scael", "unknown pass 'toy_scael' (did you mean 'toy_scale'?)"),
-    "wrong_type": (HEAD + "    steps:\n      - toy_scale:\n          factor: abc  # <-\n",
-                   "jobs[0].steps[0].toy_scale.factor", "valid number"),
-    "out_of_range": (HEAD + "    steps:\n      - toy_scale: {{factor: 20}}  # <-\n",
-                     "jobs[0].steps[0].toy_scale.factor", "less than or equal to 10 (got 20)"),
-    "export_not_last": (HEAD + "    steps:\n      - export: {{}}  # <-\n      - toy_scale: {{}}\n",
-                        "jobs[0].steps[0].export", "export must be the last step"),
-    "missing_calibration": (HEAD + "    calibration: null\n    steps:\n      - toy_scale\n      - toy_cal  # <-\n",
-                            "jobs[0].steps[1].toy_cal", "needs calibration data"),
-    "typo_in_job": (HEAD + "    calibraton: {{source: builtin}}  # <-\n    steps: [toy_scale]\n",
-                    "jobs[0].calibraton", "unknown key"),
-    "typo_in_defaults": ("version: 1\ndefaults:\n  calibration: {{samples: 0}}  # <-\njobs:\n  - name: a\n"
-                         "    model: {model}\n    steps: [toy_cal]\n",
-                         "defaults.calibration.samples", "greater than or equal to 1"),
-    "missing_model": ("version: 1\njobs:\n  - name: a\n    model: no/such/model  # <-\n    steps: [toy_scale]\n",
-                      "jobs[0].model", "no such folder"),
-    "missing_with_model": (HEAD + "    steps:\n      - merge:\n          with: [no-such-expert]  # <-\n",
-                           "jobs[0].steps[0].merge.with[0]", "no such folder"),
-    "missing_calibration_file": (HEAD + "    calibration: {{source: nothere.txt}}  # <-\n    steps: [toy_cal]\n",
-                                 "jobs[0].calibration.source", "no such data file"),
-    "two_keys_in_a_step": (HEAD + "    steps:\n      - {{toy_scale: {{}}, toy_cal: {{}}}}  # <-\n",
-                           "jobs[0].steps[0]", "one-key mapping"),
+    "typo_in_config": (
+        HEAD + "    steps:\n      - toy_scale: {{factr: 2}}  # <-\n",
+        "jobs[0].steps[0].toy_scale.factr",
+        "unknown key",
+    ),
+    "unknown_pass": (
+        HEAD + "    steps:\n      - toy_scael: {{}}  # <-\n",
+        "jobs[0].steps[0].toy_scael",
+        "unknown pass 'toy_scael' (did you mean 'toy_scale'?)",
+    ),
+    "wrong_type": (
+        HEAD + "    steps:\n      - toy_scale:\n          factor: abc  # <-\n",
+        "jobs[0].steps[0].toy_scale.factor",
+        "valid number",
+    ),
+    "out_of_range": (
+        HEAD + "    steps:\n      - toy_scale: {{factor: 20}}  # <-\n",
+        "jobs[0].steps[0].toy_scale.factor",
+        "less than or equal to 10 (got 20)",
+    ),
+    "export_not_last": (
+        HEAD + "    steps:\n      - export: {{}}  # <-\n      - toy_scale: {{}}\n",
+        "jobs[0].steps[0].export",
+        "export must be the last step",
+    ),
+    "missing_calibration": (
+        HEAD + "    calibration: null\n    steps:\n      - toy_scale\n      - toy_cal  # <-\n",
+        "jobs[0].steps[1].toy_cal",
+        "needs calibration data",
+    ),
+    "typo_in_job": (
+        HEAD + "    calibraton: {{source: builtin}}  # <-\n    steps: [toy_scale]\n",
+        "jobs[0].calibraton",
+        "unknown key",
+    ),
+    "typo_in_defaults": (
+        "version: 1\ndefaults:\n  calibration: {{samples: 0}}  # <-\njobs:\n  - name: a\n"
+        "    model: {model}\n    steps: [toy_cal]\n",
+        "defaults.calibration.samples",
+        "greater than or equal to 1",
+    ),
+    "missing_model": (
+        "version: 1\njobs:\n  - name: a\n    model: no/such/model  # <-\n    steps: [toy_scale]\n",
+        "jobs[0].model",
+        "no such folder",
+    ),
+    "missing_with_model": (
+        HEAD + "    steps:\n      - merge:\n          with: [no-such-expert]  # <-\n",
+        "jobs[0].steps[0].merge.with[0]",
+        "no such folder",
+    ),
+    "missing_calibration_file": (
+        HEAD + "    calibration: {{source: nothere.txt}}  # <-\n    steps: [toy_cal]\n",
+        "jobs[0].calibration.source",
+        "no such data file",
+    ),
+    "two_keys_in_a_step": (
+        HEAD + "    steps:\n      - {{toy_scale: {{}}, toy_cal: {{}}}}  # <-\n",
+        "jobs[0].steps[0]",
+        "one-key mapping",
+    ),
     "no_steps": (HEAD + "    steps: []  # <-\n", "jobs[0].steps", "at least 1 item"),
-    "unknown_placeholder": (HEAD + "    steps:\n      - toy_scale: {{factor: '${{f}}'}}  # <-\n",
-                            "jobs[0].steps[0].toy_scale.factor", "${f} is not a matrix key"),
-    "unused_matrix_key": (HEAD + "    matrix: {{f: [1, 2]}}  # <-\n    steps: [toy_scale]\n",
-                          "jobs[0].matrix.f", "never used"),
-    "duplicate_job": (HEAD + "    steps: [toy_scale]\n  - name: a  # <-\n    model: {model}\n    steps: [toy_scale]\n",
-                      "jobs[1].name", "used twice"),
-    "bad_job_name": ("version: 1\njobs:\n  - name: a/b  # <-\n    model: {model}\n    steps: [toy_scale]\n",
-                     "jobs[0].name", "should match pattern"),
-    "top_level_typo": ("version: 1\njob: []  # <-\njobs:\n  - name: a\n    model: {model}\n    steps: [toy_scale]\n",
-                       "job", "unknown key"),
-    "bad_version": ("version: 2  # <-\njobs:\n  - name: a\n    model: {model}\n    steps: [toy_scale]\n",
-                    "version", "Input should be 1"),
+    "unknown_placeholder": (
+        HEAD + "    steps:\n      - toy_scale: {{factor: '${{f}}'}}  # <-\n",
+        "jobs[0].steps[0].toy_scale.factor",
+        "${f} is not a matrix key",
+    ),
+    "unused_matrix_key": (
+        HEAD + "    matrix: {{f: [1, 2]}}  # <-\n    steps: [toy_scale]\n",
+        "jobs[0].matrix.f",
+        "never used",
+    ),
+    "duplicate_job": (
+        HEAD + "    steps: [toy_scale]\n  - name: a  # <-\n    model: {model}\n    steps: [toy_scale]\n",
+        "jobs[1].name",
+        "used twice",
+    ),
+    "bad_job_name": (
+        "version: 1\njobs:\n  - name: a/b  # <-\n    model: {model}\n    steps: [toy_scale]\n",
+        "jobs[0].name",
+        "should match pattern",
+    ),
+    "top_level_typo": (
+        "version: 1\njob: []  # <-\njobs:\n  - name: a\n    model: {model}\n    steps: [toy_scale]\n",
+        "job",
+        "unknown key",
+    ),
+    "bad_version": (
+        "version: 2  # <-\njobs:\n  - name: a\n    model: {model}\n    steps: [toy_scale]\n",
+        "version",
+        "Input should be 1",
+    ),
     "yaml_syntax": (HEAD + "    steps:\n      - toy_scale: {{factor: 2}}\n     oops: 1  # <-\n", "", "invalid YAML"),
     "duplicate_yaml_key": (HEAD + "    model: {model}  # <-\n    steps: [toy_scale]\n", "", "duplicate key 'model'"),
-    "prune_out_of_range": (HEAD + CAL + "    steps: [toy_scale]\n  - name: b\n    model: {model}\n" + CAL
-                           + "    steps:\n      - prune: {{drop_attn: 2.5}}  # <-\n",
-                           "jobs[1].steps[0].prune.drop_attn", "at most 1.0"),
+    "prune_out_of_range": (
+        HEAD
+        + CAL
+        + "    steps: [toy_scale]\n  - name: b\n    model: {model}\n"
+        + CAL
+        + "    steps:\n      - prune: {{drop_attn: 2.5}}  # <-\n",
+        "jobs[1].steps[0].prune.drop_attn",
+        "at most 1.0",
+    ),
 }
 
 
 def _write(tmp_path: Path, body: str, model: Path) -> tuple[Path, int]:
     text = body.format(model=model)
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if "# <-" in l)
+    line = next(i for i, text_line in enumerate(text.splitlines(), 1) if "# <-" in text_line)
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     return path, line
@@ -121,7 +182,10 @@ def test_unknown_job_for_run_is_a_user_error(tmp_path, tiny_dirs, toys, capsys):
 
 
 def test_many_mistakes_are_all_listed(tmp_path, tiny_dirs, toys):
-    text = HEAD.format(model=tiny_dirs["bert"]) + "    steps:\n      - toy_scale: {factor: 20}\n      - toy_cal: {bits: 1}\n"
+    text = (
+        HEAD.format(model=tiny_dirs["bert"])
+        + "    steps:\n      - toy_scale: {factor: 20}\n      - toy_cal: {bits: 1}\n"
+    )
     with pytest.raises(SqueezeError) as exc:
         parse_recipe(text, filename="r.yaml")
     msg = str(exc.value)
@@ -138,7 +202,7 @@ def test_defaults_merge_into_every_job(tmp_path, tiny_dirs, toys):
     text = f"""
 version: 1
 defaults:
-  model: {tiny_dirs['bert']}
+  model: {tiny_dirs["bert"]}
   calibration: {{source: builtin, samples: 8, seq_len: 32}}
   steps: [toy_cal]
 jobs:
@@ -160,17 +224,23 @@ def test_matrix_fans_out_with_typed_values(tmp_path, tiny_dirs, toys):
 version: 1
 jobs:
   - name: sweep
-    model: {tiny_dirs['bert']}
+    model: {tiny_dirs["bert"]}
     matrix: {{f: [0.5, 2], n: [0, 1]}}
     steps:
       - toy_scale: {{factor: "${{f}}", noise: "${{n}}"}}
   - name: named-${{f}}
-    model: {tiny_dirs['bert']}
+    model: {tiny_dirs["bert"]}
     matrix: {{f: [3]}}
     steps: [{{toy_scale: {{factor: "${{f}}"}}}}]
 """
     r = parse_recipe(text)
-    assert [j.name for j in r.jobs] == ["sweep-f=0.5-n=0", "sweep-f=0.5-n=1", "sweep-f=2-n=0", "sweep-f=2-n=1", "named-3"]
+    assert [j.name for j in r.jobs] == [
+        "sweep-f=0.5-n=0",
+        "sweep-f=0.5-n=1",
+        "sweep-f=2-n=0",
+        "sweep-f=2-n=1",
+        "named-3",
+    ]
     assert [j.steps[0].config.factor for j in r.jobs] == [0.5, 0.5, 2.0, 2.0, 3.0]
     assert r.jobs[0].point == {"f": 0.5, "n": 0}
     assert [j.name for j in r.select(["sweep"]).jobs] == [j.name for j in r.jobs[:4]]

@@ -73,14 +73,35 @@ def test_pareto_front():
 
 def test_plot_with_baselines(tmp_path):
     def row(step, name, size, lat, cos):
-        return {"step": step, "pass": name, "params": 10, "bytes": size, "latency_ms": lat,
-                "fidelity": {} if step == 0 else {"cos_mean": cos}}
+        return {
+            "step": step,
+            "pass": name,
+            "params": 10,
+            "bytes": size,
+            "latency_ms": lat,
+            "fidelity": {} if step == 0 else {"cos_mean": cos},
+        }
 
-    data = {"format": 1, "jobs": [
-        {"job": "fp32", "status": "ok", "rows": [row(0, "original", 90e6, None, 1), row(1, "export", 90e6, 8.0, 1.0)]},
-        {"job": "int8", "status": "ok", "rows": [row(0, "original", 90e6, None, 1), row(1, "quantize", 25e6, None, 0.99),
-                                                 row(2, "export", 25e6, 4.0, 0.99)]}],
-        "baselines": {"ORT dynamic int8": {"bytes": 23e6, "latency_ms": 4.5, "cos_mean": 0.985}}}
+    data = {
+        "format": 1,
+        "jobs": [
+            {
+                "job": "fp32",
+                "status": "ok",
+                "rows": [row(0, "original", 90e6, None, 1), row(1, "export", 90e6, 8.0, 1.0)],
+            },
+            {
+                "job": "int8",
+                "status": "ok",
+                "rows": [
+                    row(0, "original", 90e6, None, 1),
+                    row(1, "quantize", 25e6, None, 0.99),
+                    row(2, "export", 25e6, 4.0, 0.99),
+                ],
+            },
+        ],
+        "baselines": {"ORT dynamic int8": {"bytes": 23e6, "latency_ms": 4.5, "cos_mean": 0.985}},
+    }
     names = [n for n, _ in report._baselines(data)]
     assert names == ["fp32 (original)", "ORT dynamic int8", "fp32 ONNX"]
     report.plot(data, tmp_path / "p.png")
@@ -165,13 +186,31 @@ def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path):
 
 
 def test_ledger_and_plot_use_the_latency_ratio(tmp_path):
-    base = {"fp32 ONNX": {"bytes": 90e6, "latency_ms": 8.0, "latency_ratio": 1.0, "fidelity": {"cos_mean": 1.0}},
-            "ORT dynamic int8": {"bytes": 23e6, "latency_ms": 4.4, "latency_ratio": 0.55, "ratio_spread": [0.5, 0.6],
-                                 "fidelity": {"cos_mean": 0.985}}}
-    rows = [{"step": 0, "pass": "original", "params": 10, "bytes": 90e6, "fidelity": {}},
-            {"step": 1, "pass": "quantize", "params": 10, "bytes": 25e6, "fidelity": {"cos_mean": 0.99}},
-            {"step": 2, "pass": "export", "params": 10, "bytes": 25e6, "latency_ms": 4.0, "latency_ratio": 0.5,
-             "ratio_spread": [0.45, 0.55], "fidelity": {"cos_mean": 0.99}, "baselines": base}]
+    base = {
+        "fp32 ONNX": {"bytes": 90e6, "latency_ms": 8.0, "latency_ratio": 1.0, "fidelity": {"cos_mean": 1.0}},
+        "ORT dynamic int8": {
+            "bytes": 23e6,
+            "latency_ms": 4.4,
+            "latency_ratio": 0.55,
+            "ratio_spread": [0.5, 0.6],
+            "fidelity": {"cos_mean": 0.985},
+        },
+    }
+    rows = [
+        {"step": 0, "pass": "original", "params": 10, "bytes": 90e6, "fidelity": {}},
+        {"step": 1, "pass": "quantize", "params": 10, "bytes": 25e6, "fidelity": {"cos_mean": 0.99}},
+        {
+            "step": 2,
+            "pass": "export",
+            "params": 10,
+            "bytes": 25e6,
+            "latency_ms": 4.0,
+            "latency_ratio": 0.5,
+            "ratio_spread": [0.45, 0.55],
+            "fidelity": {"cos_mean": 0.99},
+            "baselines": base,
+        },
+    ]
     data = {"format": 1, "jobs": [{"job": "int8", "status": "ok", "rows": rows}]}
     cols, cells = report.ledger_table(data)
     assert cells[2][cols.index("vs fp32")] == "0.50x (0.45-0.55)" and cells[0][cols.index("vs fp32")] == "-"
