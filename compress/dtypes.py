@@ -79,7 +79,7 @@ def stored_dtype(files: list[Path], config_dtype: object = None) -> torch.dtype:
     if counts:
         return counts.most_common(1)[0][0]
     try:
-        return parse(config_dtype) or WORK
+        return parse(config_dtype) or WORK  # type: ignore[arg-type]  # any config value: parse refuses the odd ones
     except SqueezeError:
         return WORK
 

@@ -35,8 +35,8 @@ from squeeze.compress.calibration import Batch, DataSpec, batches
 from squeeze.compress.checkpoint import Checkpoint
 from squeeze.compress.errors import SqueezeError, ValidationFailed
 from squeeze.compress.evaluate import model_outputs, ort_latency_ms, ort_session
-from squeeze.compress.paths import check_output, sweep_stale, temp_name
 from squeeze.compress.passes import export_rule
+from squeeze.compress.paths import check_output, sweep_stale, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ class ExportWrapper(nn.Module):
 def _validation_batches(ckpt: Checkpoint, batch: int, seq_len: int, data: DataSpec | None) -> list[Batch]:
     """Two input sets of different shapes, built from the family's data (tokenized built-in
     text, or images), so validation exercises the dynamic axes."""
-    spec = (data or DataSpec()).model_copy(update={"samples": batch + 1, "eval_samples": batch + 1,
-                                                   "seq_len": seq_len * 2, "batch_size": batch + 1})
+    spec = (data or DataSpec()).model_copy(
+        update={"samples": batch + 1, "eval_samples": batch + 1, "seq_len": seq_len * 2, "batch_size": batch + 1}
+    )
     source = batches(ckpt, spec, split="eval", warn=log.info)[0]
     names = input_names(ckpt)
     out: list[Batch] = []
@@ -80,7 +81,7 @@ def _validation_batches(ckpt: Checkpoint, batch: int, seq_len: int, data: DataSp
                 t = torch.zeros_like(source["input_ids"])
             t = t[:b]
             if t.ndim == 2:
-                t = _fit(t, s, pad=0 if name != "attention_mask" else 0)
+                t = _fit(t, s, pad=0)
             cut[name] = t.contiguous()
         if "attention_mask" in cut:
             cut["attention_mask"][:, 0] = 1  # never an all-padding row
@@ -98,7 +99,9 @@ def input_names(ckpt: Checkpoint) -> list[str]:
     return list(ckpt.family.model_inputs)
 
 
-def _check_options(opset: int, atol: float, rtol: float, batch: int, seq_len: int, exporter: str, ckpt: Checkpoint) -> None:
+def _check_options(
+    opset: int, atol: float, rtol: float, batch: int, seq_len: int, exporter: str, ckpt: Checkpoint
+) -> None:
     if exporter not in ("torchscript", "dynamo"):
         raise SqueezeError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
     if exporter == "torchscript" and opset not in OPSETS:
@@ -111,11 +114,22 @@ def _check_options(opset: int, atol: float, rtol: float, batch: int, seq_len: in
         raise SqueezeError(f"batch must be between 1 and 1024, got {batch}")
     max_pos = int(getattr(ckpt.model.config, "max_position_embeddings", 0) or 0)
     if ckpt.family.modality == "text" and not 1 <= seq_len * 2 <= (max_pos or 1 << 20):
-        raise SqueezeError(f"seq-len must be between 1 and {max_pos // 2} for this model (validation also runs 2x), got {seq_len}")
+        raise SqueezeError(
+            f"seq-len must be between 1 and {max_pos // 2} for this model (validation also runs 2x), got {seq_len}"
+        )
 
 
-def _torch_export(wrapper: nn.Module, args: tuple, names: list[str], output: str, path: Path, *, opset: int,
-                  exporter: str, vision: bool) -> None:
+def _torch_export(
+    wrapper: nn.Module,
+    args: tuple,
+    names: list[str],
+    output: str,
+    path: Path,
+    *,
+    opset: int,
+    exporter: str,
+    vision: bool,
+) -> None:
     from squeeze.kernels.registry import torchscript_symbolics
 
     dyn = {n: ({0: "batch"} if vision else {0: "batch", 1: "sequence"}) for n in names}
@@ -124,12 +138,30 @@ def _torch_export(wrapper: nn.Module, args: tuple, names: list[str], output: str
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             with torchscript_symbolics(opset):
-                torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=[output],
-                                  dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=True)
+                torch.onnx.export(
+                    wrapper,
+                    args,
+                    str(path),
+                    input_names=names,
+                    output_names=[output],
+                    dynamic_axes=dyn,
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
         else:
             dims = {n: {ax: torch.export.Dim.AUTO for ax in d} for n, d in dyn.items() if n in names}
-            prog = torch.onnx.export(wrapper, args, input_names=names, output_names=[output], opset_version=opset,
-                                     dynamo=True, dynamic_shapes=(tuple(dims[n] for n in names),), verbose=False)
+            prog = torch.onnx.export(
+                wrapper,
+                args,
+                input_names=names,
+                output_names=[output],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=(tuple(dims[n] for n in names),),
+                verbose=False,
+            )
+            assert prog is not None  # dynamo=True always returns an ONNXProgram
             prog.save(str(path), external_data=False)
 
 
@@ -141,8 +173,13 @@ def compare(name: str, ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: 
     bad_ort, bad_ref = int((~np.isfinite(ort_out)).sum()), int((~np.isfinite(ref)).sum())
     if bad_ort or bad_ref:
         side = "PyTorch" if bad_ref else "ONNX Runtime"
-        return {"output": name, "ok": False, "nonfinite_torch": bad_ref, "nonfinite_ort": bad_ort,
-                "error": f"{side} output holds {bad_ref or bad_ort} non-finite value(s) (NaN/inf)"}
+        return {
+            "output": name,
+            "ok": False,
+            "nonfinite_torch": bad_ref,
+            "nonfinite_ort": bad_ort,
+            "error": f"{side} output holds {bad_ref or bad_ort} non-finite value(s) (NaN/inf)",
+        }
     diff = np.abs(ort_out.astype(np.float64) - ref.astype(np.float64))
     bound = atol + rtol * np.abs(ref.astype(np.float64))
     bad = diff > bound
@@ -197,7 +234,7 @@ def export_onnx(
         raise SqueezeError(f"--ref is a {reference.family.name} model, the checkpoint a {ckpt.family.name} model")
     rejected = out.with_name(out.stem + ".rejected.onnx")
     report_path = out.with_name(out.name + ".report.json")
-    out = check_output(out, [ckpt.source, reference.source if reference else None], force=force, kind="file")
+    out = Path(check_output(out, [ckpt.source, reference.source if reference else None], force=force, kind="file"))
     for side in (rejected, report_path):  # the evidence of an earlier export is not overwritten silently
         if side.exists() and not force:
             raise SqueezeError(f"{side} already exists (from an earlier export); pass --force to overwrite it")
@@ -211,8 +248,15 @@ def export_onnx(
     wrapper = ExportWrapper(model, names, output, ckpt.family.causal).eval()
     # paths in the report are relative to it (the graph lies beside it): no temp or host paths
     report: dict[str, Any] = {
-        "model": out.name, "checkpoint": str(ckpt.source) if ckpt.source else None, "family": ckpt.family.name,
-        "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol, "inputs": names, "outputs": [output],
+        "model": out.name,
+        "checkpoint": str(ckpt.source) if ckpt.source else None,
+        "family": ckpt.family.name,
+        "opset": opset,
+        "exporter": exporter,
+        "atol": atol,
+        "rtol": rtol,
+        "inputs": names,
+        "outputs": [output],
     }
     start = time.perf_counter()
     stage = progress or (lambda label, done, total: None)  # (label, done, total), as PassContext.progress
@@ -223,8 +267,16 @@ def export_onnx(
     tmp = temp_name(out)
     try:
         try:
-            _torch_export(wrapper, tuple(inputs[0][n] for n in names), names, output, tmp, opset=opset,
-                          exporter=exporter, vision=ckpt.family.modality == "vision")
+            _torch_export(
+                wrapper,
+                tuple(inputs[0][n] for n in names),
+                names,
+                output,
+                tmp,
+                opset=opset,
+                exporter=exporter,
+                vision=ckpt.family.modality == "vision",
+            )
         except SqueezeError:
             raise
         except Exception as exc:  # an exporter failure on a supported model is a bug: keep the trace
@@ -236,7 +288,9 @@ def export_onnx(
         onnx.save(proto, str(tmp))
         report["export_seconds"] = round(time.perf_counter() - start, 3)
         report["bytes"] = tmp.stat().st_size
-        report["custom_ops"] = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+        report["custom_ops"] = sorted(
+            {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+        )
 
         stage("export: validating with ONNX Runtime", 1, 3)
         session = ort_session(tmp)
@@ -287,8 +341,10 @@ def export_onnx(
     if failed_validation:
         bad = next(c for c in checks if not c["ok"])
         if "rule" in bad:
-            detail = (f"cosine {bad['cosine']:.5f} (needs >= {bad['rule']['min_cosine']}), max abs / max |twin| "
-                      f"{bad['max_abs_ratio']:.3g} (needs <= {bad['rule']['max_abs_ratio']}) at shape {bad['shape']}")
+            detail = (
+                f"cosine {bad['cosine']:.5f} (needs >= {bad['rule']['min_cosine']}), max abs / max |twin| "
+                f"{bad['max_abs_ratio']:.3g} (needs <= {bad['rule']['max_abs_ratio']}) at shape {bad['shape']}"
+            )
         else:
             detail = (f"{bad['error']} at shape {bad['shape']}" if "error" in bad else None) or (
                 f"max abs {bad['max_abs']:.3g}, max rel {bad['max_rel']:.3g}, {bad['mismatched']}/{bad['elements']} "
@@ -300,13 +356,17 @@ def export_onnx(
     return report
 
 
-def _fidelity(reference: Checkpoint, inputs: list[Batch], names: list[str], ort_outputs: list[np.ndarray], output: str) -> dict[str, float]:
+def _fidelity(
+    reference: Checkpoint, inputs: list[Batch], names: list[str], ort_outputs: list[np.ndarray], output: str
+) -> dict[str, float]:
     from squeeze.compress.evaluate import Reference, compare_outputs, reference_outputs
 
     ref = reference_outputs(reference.model, reference.family, inputs)
     if output not in ref.outputs[0]:
         return {}
-    new = Reference(family=reference.family, outputs=[{output: torch.from_numpy(o).float()} for o in ort_outputs], batches=inputs)
+    new = Reference(
+        family=reference.family, outputs=[{output: torch.from_numpy(o).float()} for o in ort_outputs], batches=inputs
+    )
     return compare_outputs(ref, new)
 
 
@@ -364,7 +424,9 @@ def tensorrt_readiness(model: onnx.ModelProto) -> dict[str, Any]:
             counts[key] = counts.get(key, 0) + 1
             if node.domain in ("", "ai.onnx"):
                 if node.op_type not in supported:
-                    problems.append(f"{node.op_type} ({where}node {node.name or '?'}) is not supported by the TensorRT ONNX parser")
+                    problems.append(
+                        f"{node.op_type} ({where}node {node.name or '?'}) is not supported by the TensorRT ONNX parser"
+                    )
                 elif node.op_type in ops.get("notes", {}):
                     notes.append(f"{node.op_type}: {ops['notes'][node.op_type]}")
             elif node.domain == "com.microsoft":
@@ -381,17 +443,29 @@ def tensorrt_readiness(model: onnx.ModelProto) -> dict[str, Any]:
         if init.data_type == onnx.TensorProto.INT64:
             arr = onnx.numpy_helper.to_array(init)
             if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
-                problems.append(f"int64 initializer {init.name} holds values outside int32 (TensorRT casts int64 to int32)")
+                problems.append(
+                    f"int64 initializer {init.name} holds values outside int32 (TensorRT casts int64 to int32)"
+                )
     profile: dict[str, list[str]] = {}
     for inp in model.graph.input:
         dims = [d.dim_param or str(d.dim_value) for d in inp.type.tensor_type.shape.dim]
         if any(d.dim_param for d in inp.type.tensor_type.shape.dim):
             profile[inp.name] = dims
     if profile:
-        notes.append("dynamic inputs need an optimization profile: " + ", ".join(f"{k}[{'x'.join(v)}]" for k, v in profile.items())
-                     + " (trtexec --minShapes/--optShapes/--maxShapes)")
+        notes.append(
+            "dynamic inputs need an optimization profile: "
+            + ", ".join(f"{k}[{'x'.join(v)}]" for k, v in profile.items())
+            + " (trtexec --minShapes/--optShapes/--maxShapes)"
+        )
     from squeeze.compress.export_trt import grouped, qdq_problems  # one line per problem, with its fix
 
     problems = grouped(problems + qdq_problems(model))
-    return {"ok": not problems, "problems": problems, "notes": sorted(set(notes)), "dynamic_inputs": profile,
-            "op_counts": counts, "tensorrt_version": ops.get("tensorrt_version"), "source": ops.get("source")}
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "notes": sorted(set(notes)),
+        "dynamic_inputs": profile,
+        "op_counts": counts,
+        "tensorrt_version": ops.get("tensorrt_version"),
+        "source": ops.get("source"),
+    }

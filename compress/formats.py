@@ -63,7 +63,7 @@ def plain_reason(model: nn.Module, family) -> str | None:
 
 def config_dict(model: nn.Module, family, base_config: dict[str, Any]) -> dict[str, Any]:
     """What config.json holds for ``model``: its own config when plain, else a refused one."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # a transformers config whenever plain_reason is None
     reason = plain_reason(model, family)
     if reason is None:
         return json.loads(config.to_json_string())
