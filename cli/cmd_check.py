@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -14,7 +15,7 @@ from squeeze.compress.export import read_onnx, tensorrt_readiness
 
 
 def check(
-    model: Path = typer.Argument(..., help="An .onnx file."),
+    model: Annotated[Path, typer.Argument(help="An .onnx file.")],
     target: str = typer.Option("tensorrt", "--target", help="Only tensorrt is checked statically."),
     as_json: Json = False,
 ) -> None:

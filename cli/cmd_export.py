@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -16,11 +17,17 @@ from squeeze.compress.run import load
 
 
 def export(
-    ckpt: str = typer.Argument(..., help="Checkpoint folder (Hugging Face or squeeze)."),
-    output: Path = typer.Option(..., "-o", "--output", help="The .onnx file to write, or a folder (Optimum layout)."),
+    ckpt: Annotated[str, typer.Argument(help="Checkpoint folder (Hugging Face or squeeze).")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The .onnx file to write, or a folder (Optimum layout).")
+    ],
     opset: int = typer.Option(18, "--opset", help="ONNX opset (14-20; dynamo: 18+)."),
-    atol: float = typer.Option(None, "--atol", help=f"Absolute tolerance of the validation [default: {DEFAULT_ATOL:g}; fp16 2e-2]."),
-    rtol: float = typer.Option(None, "--rtol", help=f"Relative tolerance of the validation [default: {DEFAULT_RTOL:g}; fp16 1e-2]."),
+    atol: float = typer.Option(
+        None, "--atol", help=f"Absolute tolerance of the validation [default: {DEFAULT_ATOL:g}; fp16 2e-2]."
+    ),
+    rtol: float = typer.Option(
+        None, "--rtol", help=f"Relative tolerance of the validation [default: {DEFAULT_RTOL:g}; fp16 1e-2]."
+    ),
     batch: int = typer.Option(2, "--batch", help="Validation batch size (a second shape uses batch+1)."),
     seq_len: int = typer.Option(16, "--seq-len", help="Validation sequence length (a second shape uses 2x)."),
     target: str = typer.Option("ort", "--target", help="ort, or tensorrt to also run the TensorRT readiness check."),
@@ -29,11 +36,17 @@ def export(
     ref: str = typer.Option(None, "--ref", help="Also report the graph's fidelity against this checkpoint."),
     data: Data = "builtin",
     calib: CalibAlias = None,
-    task: str = typer.Option("auto", "--task", help="auto, text-generation-with-past (default for causal LMs), text-generation, feature-extraction."),
+    task: str = typer.Option(
+        "auto",
+        "--task",
+        help="auto, text-generation-with-past (default for causal LMs), text-generation, feature-extraction.",
+    ),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16."),
     weights: str = typer.Option(None, "--weights", help="int4 or int8: blockwise MatMulNBits / GatherBlockQuantized."),
     block_size: int = typer.Option(32, "--block-size", help="Weight block size of --weights (power of two >= 16)."),
-    optimize: bool = typer.Option(False, "--optimize", help="Fuse with ONNX Runtime's transformer optimizer (bert, vit)."),
+    optimize: bool = typer.Option(
+        False, "--optimize", help="Fuse with ONNX Runtime's transformer optimizer (bert, vit)."
+    ),
     force: Force = False,
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
@@ -46,10 +59,26 @@ def export(
     reference = load(ref, trust_pickle=trust_pickle) if ref else None
     spec = data_spec(pick_data(data, calib), 8, min(max(seq_len * 2, 8), 32_768))
     try:
-        report = export_model(model, output, opset=opset, atol=atol, rtol=rtol, batch=batch, seq_len=seq_len,
-                              target=target, force=force, exporter=exporter, plain=plain, data=spec, reference=reference,
-                              task=task, dtype=dtype, weights=weights, block_size=block_size,
-                              optimize=optimize)
+        report = export_model(
+            model,
+            output,
+            opset=opset,
+            atol=atol,
+            rtol=rtol,
+            batch=batch,
+            seq_len=seq_len,
+            target=target,
+            force=force,
+            exporter=exporter,
+            plain=plain,
+            data=spec,
+            reference=reference,
+            task=task,
+            dtype=dtype,
+            weights=weights,
+            block_size=block_size,
+            optimize=optimize,
+        )
     except ValidationFailed:
         raise
     if as_json:
@@ -59,15 +88,21 @@ def export(
     for col in ("shape", "max abs", "max rel", "cosine", "ok"):
         t.add_column(col)
     for c in report["validation"]:
-        t.add_row(c["shape"], fmt_num(c["max_abs"]), fmt_num(c["max_rel"]), f"{c['cosine']:.6f}", "yes" if c["ok"] else "NO")
+        t.add_row(
+            c["shape"], fmt_num(c["max_abs"]), fmt_num(c["max_rel"]), f"{c['cosine']:.6f}", "yes" if c["ok"] else "NO"
+        )
     console.print(t)
     shape = f"batch {batch}" + (f", seq {seq_len}" if report["family"] != "vit" else "")
-    console.print(f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms ({shape}), "
-                  f"custom ops: {', '.join(report['custom_ops']) or 'none'}")
+    console.print(
+        f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms ({shape}), "
+        f"custom ops: {', '.join(report['custom_ops']) or 'none'}"
+    )
     if "generation" in report:
         g = report["generation"]
-        console.print(f"greedy generation in ONNX Runtime: {g['new_tokens']} new tokens x {g['batch']} prompts, the same as "
-                      f"transformers' generate; KV-cache slots {report['cache_slots']}")
+        console.print(
+            f"greedy generation in ONNX Runtime: {g['new_tokens']} new tokens x {g['batch']} prompts, the same as "
+            f"transformers' generate; KV-cache slots {report['cache_slots']}"
+        )
     if "fidelity_vs_reference" in report:
         fid = report["fidelity_vs_reference"]
         console.print("fidelity vs reference: " + "  ".join(f"{k}={fmt_num(v)}" for k, v in fid.items()))

@@ -1,7 +1,7 @@
 """``squeeze kernels``: list the custom operators, and validate them on demand.
 
-    squeeze kernels                 # name, ONNX node, TensorRT plugin, what it computes
-    squeeze kernels --validate      # reference vs custom op vs onnxruntime on random shapes
+squeeze kernels                 # name, ONNX node, TensorRT plugin, what it computes
+squeeze kernels --validate      # reference vs custom op vs onnxruntime on random shapes
 """
 
 from __future__ import annotations
@@ -50,8 +50,12 @@ def kernels(
             cells = [r["name"], r["onnx"], r["tensorrt_plugin"] or r["tensorrt_note"], r["summary"]]
             if validate:
                 v = r["validation"]
-                cells += [", ".join(v["shapes"]), f"{v['max_err_op']:.2g}", f"{v['max_err_ort']:.2g}",
-                          "[green]yes[/green]" if v["ok"] else "[red]NO[/red]"]
+                cells += [
+                    ", ".join(v["shapes"]),
+                    f"{v['max_err_op']:.2g}",
+                    f"{v['max_err_ort']:.2g}",
+                    "[green]yes[/green]" if v["ok"] else "[red]NO[/red]",
+                ]
             t.add_row(*cells)
         console.print(t)
     if failed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import typer
 
@@ -30,9 +31,13 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
 
 
 def merge(
-    models: list[str] = typer.Argument(..., help="Two or more model folders (the first is the base), same family and tokenizer."),
+    models: Annotated[
+        list[str], typer.Argument(help="Two or more model folders (the first is the base), same family and tokenizer.")
+    ],
     output: Output = ...,
-    weights: str = typer.Option(None, "--weights", help="One weight per model, comma-separated (default: equal); normalised to sum 1."),
+    weights: str = typer.Option(
+        None, "--weights", help="One weight per model, comma-separated (default: equal); normalised to sum 1."
+    ),
     data: Data = "builtin",
     calib: CalibAlias = None,
     seq_len: SeqLen = 128,
@@ -51,16 +56,25 @@ def merge(
     parsed = parse_weights(weights, len(models))
     cfg = pass_config(MergeConfig, "merge", others=list(models[1:]), weights=parsed)
     with progress() as bar:
-        merged = apply(models[0], cfg, data=data_spec(pick_data(data, calib), 128, seq_len), out=output, force=force,
-                       trust_pickle=trust_pickle, progress=bar)
+        merged = apply(
+            models[0],
+            cfg,
+            data=data_spec(pick_data(data, calib), 128, seq_len),
+            out=output,
+            force=force,
+            trust_pickle=trust_pickle,
+            progress=bar,
+        )
     report = merged.manifest.ledger[-1]
     if as_json:
         print_json(report)
         return
     console.print(report_table(report))
     m = report["metrics"]
-    console.print(f"merged {m['experts']} experts, weights {', '.join(f'{w:.4g}' for w in m['weights'])}, "
-                  f"averaging {m['averaged']} -> {output}")
+    console.print(
+        f"merged {m['experts']} experts, weights {', '.join(f'{w:.4g}' for w in m['weights'])}, "
+        f"averaging {m['averaged']} -> {output}"
+    )
 
 
 def register(app: typer.Typer) -> None:

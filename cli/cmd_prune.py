@@ -1,9 +1,9 @@
 """``squeeze prune``: drop attention / MLP sublayers or whole blocks (LLM-Drop).
 
-    squeeze prune CKPT --drop-attn 0.5 -o OUT
-    squeeze prune CKPT --drop-mlp 2 | --drop-blocks 2 | --drop-joint 4 [--iterative] -o OUT
-    squeeze prune CKPT --attn-layers 3,5 -o OUT          # explicit, no scoring
-    squeeze prune CKPT --drop-attn 0.5 --dry-run         # scores only
+squeeze prune CKPT --drop-attn 0.5 -o OUT
+squeeze prune CKPT --drop-mlp 2 | --drop-blocks 2 | --drop-joint 4 [--iterative] -o OUT
+squeeze prune CKPT --attn-layers 3,5 -o OUT          # explicit, no scoring
+squeeze prune CKPT --drop-attn 0.5 --dry-run         # scores only
 """
 
 from __future__ import annotations
@@ -60,8 +60,13 @@ def scores_table(result: dict[str, Any], title: str = "") -> Table:
 
     for i in range(int(result.get("num_layers", 0))):
         what = "block" if i in blocks else ", ".join(w for w, s in (("attention", att), ("MLP", mlp)) if i in s)
-        t.add_row(str(i), fmt("attn", i), fmt("mlp", i), fmt("block", i),
-                  f"[red]{what}[/red]" if what else "[green]kept[/green]")
+        t.add_row(
+            str(i),
+            fmt("attn", i),
+            fmt("mlp", i),
+            fmt("block", i),
+            f"[red]{what}[/red]" if what else "[green]kept[/green]",
+        )
     return t
 
 
@@ -71,14 +76,19 @@ def prune(
     drop_attn: str = typer.Option(None, "--drop-attn", help=f"Attention sublayers to drop: {AmountHelp}."),
     drop_mlp: str = typer.Option(None, "--drop-mlp", help=f"MLP sublayers to drop: {AmountHelp}."),
     drop_blocks: str = typer.Option(None, "--drop-blocks", help=f"Whole blocks to drop: {AmountHelp}."),
-    drop_joint: str = typer.Option(None, "--drop-joint", help=f"Sublayers (attention or MLP, one ranking of 2L): {AmountHelp}."),
+    drop_joint: str = typer.Option(
+        None, "--drop-joint", help=f"Sublayers (attention or MLP, one ranking of 2L): {AmountHelp}."
+    ),
     attn_layers: str = typer.Option(None, "--attn-layers", help="Drop these attention sublayers (3,5), no scoring."),
     mlp_layers: str = typer.Option(None, "--mlp-layers", help="Drop these MLP sublayers, no scoring."),
     block_layers: str = typer.Option(None, "--block-layers", help="Drop these blocks, no scoring."),
     iterative: bool = typer.Option(False, "--iterative", help="Re-score after each single drop."),
     consecutive: bool = typer.Option(False, "--consecutive", help="Blocks: drop n adjacent blocks (ShortGPT style)."),
-    keep_norm: bool = typer.Option(None, "--keep-norm/--no-keep-norm",
-                                   help="BERT (post-LN) only: a dropped sublayer keeps its LayerNorm (default: yes, measured better)."),
+    keep_norm: bool = typer.Option(
+        None,
+        "--keep-norm/--no-keep-norm",
+        help="BERT (post-LN) only: a dropped sublayer keeps its LayerNorm (default: yes, measured better).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Score and show what would be dropped; write nothing."),
     data: Data = "builtin",
     calib: CalibAlias = None,
@@ -93,10 +103,15 @@ def prune(
     Example: squeeze prune model --drop-attn 0.5 --data texts.txt -o pruned
     """
     cfg = _config(
-        drop_attn=_amount(drop_attn, "--drop-attn"), drop_mlp=_amount(drop_mlp, "--drop-mlp"),
-        drop_blocks=_amount(drop_blocks, "--drop-blocks"), drop_joint=_amount(drop_joint, "--drop-joint"),
-        attn_layers=_indices(attn_layers, "--attn-layers"), mlp_layers=_indices(mlp_layers, "--mlp-layers"),
-        block_layers=_indices(block_layers, "--block-layers"), iterative=iterative, consecutive=consecutive,
+        drop_attn=_amount(drop_attn, "--drop-attn"),
+        drop_mlp=_amount(drop_mlp, "--drop-mlp"),
+        drop_blocks=_amount(drop_blocks, "--drop-blocks"),
+        drop_joint=_amount(drop_joint, "--drop-joint"),
+        attn_layers=_indices(attn_layers, "--attn-layers"),
+        mlp_layers=_indices(mlp_layers, "--mlp-layers"),
+        block_layers=_indices(block_layers, "--block-layers"),
+        iterative=iterative,
+        consecutive=consecutive,
         keep_norm=keep_norm,
     )
     if output is None and not dry_run:
@@ -106,8 +121,9 @@ def prune(
     from squeeze.compress.run import apply
 
     with progress() as bar:
-        done = apply(ckpt, cfg, data=spec, out=output, dry_run=dry_run, force=force, trust_pickle=trust_pickle,
-                     progress=bar)
+        done = apply(
+            ckpt, cfg, data=spec, out=output, dry_run=dry_run, force=force, trust_pickle=trust_pickle, progress=bar
+        )
     if dry_run:
         result, report, warnings = done.result or {}, None, done.warnings
     else:

@@ -1,8 +1,8 @@
 """``squeeze quantize``: post-training quantization (RepQuant / RepQ-ViT, BCT, plain baselines).
 
-    squeeze quantize CKPT -o OUT                                   # int8 weights, ORT dynamic activations
-    squeeze quantize CKPT -o OUT --activations int8 --data data.txt   # static QDQ (TensorRT, edge)
-    squeeze quantize CKPT -o OUT --weights int4 --activations none     # weight-only
+squeeze quantize CKPT -o OUT                                   # int8 weights, ORT dynamic activations
+squeeze quantize CKPT -o OUT --activations int8 --data data.txt   # static QDQ (TensorRT, edge)
+squeeze quantize CKPT -o OUT --weights int4 --activations none     # weight-only
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ def quantize(
     ckpt: str = typer.Argument(..., help="Model folder, pkg:NAME/sub or squeeze folder."),
     output: Output = ...,
     weights: str = typer.Option("int8", "--weights", help="Weight bits: int8, int6, int4 (int2..int16)."),
-    activations: str = typer.Option("dynamic", "--activations",
-                                    help="dynamic (ORT picks them at run time), int8 / int6 / int4 (static, calibrated), or none."),
+    activations: str = typer.Option(
+        "dynamic",
+        "--activations",
+        help="dynamic (ORT picks them at run time), int8 / int6 / int4 (static, calibrated), or none.",
+    ),
     method: str = typer.Option("repquant", "--method", help="repquant, minmax, percentile or bct."),
     gptq: bool = typer.Option(True, "--gptq/--no-gptq", help="repquant: GPTQ weight rounding (else round to nearest)."),
     block_size: int = typer.Option(64, "--block-size", help="bct: channels per block."),
@@ -45,8 +48,15 @@ def quantize(
 
     Example: squeeze quantize model --weights int8 --activations int8 --data texts.txt -o quantized
     """
-    cfg = _config(weights=weights, activations=activations, method=method, gptq=gptq, block_size=block_size,
-                  embeddings=embeddings, clip_steps=clip_steps)
+    cfg = _config(
+        weights=weights,
+        activations=activations,
+        method=method,
+        gptq=gptq,
+        block_size=block_size,
+        embeddings=embeddings,
+        clip_steps=clip_steps,
+    )
     spec = data_spec(pick_data(data, calib), samples, seq_len)
 
     from squeeze.compress.run import apply
@@ -59,11 +69,13 @@ def quantize(
         return
     console.print(report_table(report))
     scheme = report["metrics"]["scheme"]
-    console.print(f"weights int{scheme['weights']} ({'GPTQ' if scheme['gptq'] else 'round to nearest'}), "
-                  f"activations {scheme['activations']}"
-                  + (f" int{scheme['activation_bits']}" if scheme["activations"] in ("static", "block") else "")
-                  + f", method {scheme['method']}: {report['metrics']['quantized_linears']} linears, "
-                  f"{report['metrics']['quantized_embeddings']} embedding tables")
+    console.print(
+        f"weights int{scheme['weights']} ({'GPTQ' if scheme['gptq'] else 'round to nearest'}), "
+        f"activations {scheme['activations']}"
+        + (f" int{scheme['activation_bits']}" if scheme["activations"] in ("static", "block") else "")
+        + f", method {scheme['method']}: {report['metrics']['quantized_linears']} linears, "
+        f"{report['metrics']['quantized_embeddings']} embedding tables"
+    )
     for note in report["metrics"].get("notes", []):
         console.print(f"  - {note}")
     console.print(f"wrote {output}")

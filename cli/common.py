@@ -6,19 +6,29 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.passes.base import ProgressFn
-from squeeze.compress.report import fmt_bytes  # noqa: F401  (re-exported for the commands)
+from squeeze.compress.report import fmt_bytes
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
 
 def data_spec(calib: str, samples: int, seq_len: int, **extra: Any) -> DataSpec:
     if calib not in ("builtin", "synthetic", "wiki") and not Path(calib).exists():
@@ -67,9 +77,16 @@ def progress() -> Iterator[ProgressFn]:
     if not err_console.is_terminal:
         yield PlainProgress()
         return
-    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err_console, transient=True)
-    tasks: dict[str, int] = {}
+    bars = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
 
     def update(label: str, done: int, total: int) -> None:
         if label not in tasks:
