@@ -29,9 +29,10 @@ import logging
 import os
 import shutil
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +41,9 @@ from torch import nn
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for, model_class
 from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name, terminate_as_interrupt
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ class Manifest(BaseModel):
     # sha256 of this folder's own weight files, checked on load (None in folders written before it)
     weights_sha256: str | None = None
 
-    def with_edit(self, edit, report: dict[str, Any]) -> "Manifest":
+    def with_edit(self, edit, report: dict[str, Any]) -> Manifest:
         return self.model_copy(
             update={
                 "edits": [*self.edits, edit.dump()],
@@ -123,7 +127,9 @@ class Checkpoint:
     def tokenizer(self):
         """The checkpoint's tokenizer, or None when the folder has none."""
         if self._tokenizer is None and self.source is not None and self.family.modality == "text":
-            if any((self.source / n).exists() for n in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")):
+            if any(
+                (self.source / n).exists() for n in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
+            ):
                 from transformers import AutoTokenizer
 
                 try:
@@ -228,7 +234,9 @@ def check_safetensors(path: Path) -> None:
     except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
         raise SqueezeError(f"{path}: not a valid safetensors file ({exc})") from None
     if 8 + n + end != size:
-        raise SqueezeError(f"{path}: truncated or corrupt safetensors file ({size} bytes, header expects {8 + n + end})")
+        raise SqueezeError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, header expects {8 + n + end})"
+        )
 
 
 def weight_files(folder: Path) -> tuple[list[Path], bool]:
@@ -241,7 +249,9 @@ def weight_files(folder: Path) -> tuple[list[Path], bool]:
     index = folder / SHARD_INDEX
     if index.exists():
         weight_map = _read_json(index).get("weight_map", {})
-        if not isinstance(weight_map, dict) or any(not isinstance(n, str) or Path(n).name != n for n in weight_map.values()):
+        if not isinstance(weight_map, dict) or any(
+            not isinstance(n, str) or Path(n).name != n for n in weight_map.values()
+        ):
             raise SqueezeError(f"{index}: weight_map must map names to plain file names in the folder")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
@@ -276,15 +286,21 @@ def check_size(family: Family, config, files: list[Path], where: str) -> None:
         inner = int(inner)
     except (AttributeError, TypeError, ValueError) as exc:
         raise SqueezeError(f"{where}: invalid config ({exc})") from None
-    for name, value, top in (("layers", layers, MAX_LAYERS), ("hidden size", width, MAX_WIDTH),
-                             ("intermediate size", inner, MAX_WIDTH * 8), ("vocabulary", vocab, MAX_VOCAB)):
+    for name, value, top in (
+        ("layers", layers, MAX_LAYERS),
+        ("hidden size", width, MAX_WIDTH),
+        ("intermediate size", inner, MAX_WIDTH * 8),
+        ("vocabulary", vocab, MAX_VOCAB),
+    ):
         if not 0 <= value <= top:
             raise SqueezeError(f"{where}: {name} {value} is out of bounds (0..{top})")
     base_bytes = 4 * (layers * (4 * width * width + 2 * width * inner) + vocab * width)  # fp32, roughly
     disk = sum(f.stat().st_size for f in files)
     if base_bytes > MAX_BASE_BYTES_PER_DISK_BYTE * disk + (1 << 20):
-        raise SqueezeError(f"{where}: describes a model of ~{base_bytes / 2**20:.0f} MB but the weights hold "
-                           f"{disk / 2**20:.1f} MB; the config does not belong to these weights")
+        raise SqueezeError(
+            f"{where}: describes a model of ~{base_bytes / 2**20:.0f} MB but the weights hold "
+            f"{disk / 2**20:.1f} MB; the config does not belong to these weights"
+        )
 
 
 def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay | None = None) -> Checkpoint:
@@ -302,7 +318,9 @@ def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay |
     side_files(folder, _NOT_COPIED_NAMES, _NOT_COPIED_SUFFIXES, _skip_side_dir)  # links checked before any work
     if (folder / MANIFEST).exists():
         if replay is None:
-            from squeeze.compress.passes import replay_edit as replay
+            from squeeze.compress.passes import replay_edit
+
+            replay = replay_edit
         return _load_squeeze(folder, replay)
     config_dict = _read_json(config_path)
     family = family_for(config_dict.get("model_type"))
@@ -320,7 +338,7 @@ def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay |
             model_type=config_dict["model_type"],
             architecture=type(model).__name__,
             sha256=sha256_of(files),
-            config=model.config.to_dict(),
+            config=cast("PretrainedConfig", model.config).to_dict(),
             source=str(ref),
         )
     )
@@ -340,8 +358,12 @@ def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors
         # ignore_mismatched_sizes: a mismatch lands in ``info`` and is reported below in our words
         # (transformers' own error ends "look at the above report!", with nothing above).
         model, info = cls.from_pretrained(
-            str(folder), config=config, local_files_only=True, output_loading_info=True,
-            use_safetensors=use_safetensors, ignore_mismatched_sizes=True,
+            str(folder),
+            config=config,
+            local_files_only=True,
+            output_loading_info=True,
+            use_safetensors=use_safetensors,
+            ignore_mismatched_sizes=True,
         )
     except SqueezeError:
         raise
@@ -451,7 +473,7 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     An existing ``target`` is refused unless ``force``; an interrupted write leaves nothing (a
     killed one leaves a hidden ``.NAME.tmp-PID`` that the next write to ``target`` removes).
     """
-    target = absolute(target)  # "-o ." must name the folder, not ""
+    target = Path(absolute(target))  # "-o ." must name the folder, not ""
     if target.exists() and not force:
         raise SqueezeError(f"{target} already exists; pass --force to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +498,7 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Like :func:`atomic_dir` for one file."""
-    target = absolute(target)
+    target = Path(absolute(target))
     if target.exists() and not force:
         raise SqueezeError(f"{target} already exists; pass --force to overwrite it")
     if target.is_dir():
@@ -550,7 +572,7 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
     """Facts about a checkpoint for ``squeeze inspect``."""
     from squeeze.compress.evaluate import count_params, model_bytes
 
-    cfg = ckpt.model.config
+    cfg = cast("PretrainedConfig", ckpt.model.config)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in ckpt.model.state_dict().values()})
     on_disk = None
     if ckpt.source is not None:
