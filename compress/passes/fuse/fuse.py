@@ -98,13 +98,13 @@ class FusePass(Pass):
     needs_calibration: ClassVar[bool] = True
 
     def _anchor(self, n: int) -> int:
-        a = self.config.anchor
+        a = cast(FuseConfig, self.config).anchor
         if not -n <= a < n:
             raise SqueezeError(f"fuse: anchor {a} is not one of the {n} models")
         return a % n
 
     def _weights(self, n: int) -> list[float]:
-        w = self.config.weights
+        w = cast(FuseConfig, self.config).weights
         if w is None:
             return [1.0 / n] * n
         if len(w) != n:
@@ -113,7 +113,7 @@ class FusePass(Pass):
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
         models = models or []
-        cfg = self.config
+        cfg = cast(FuseConfig, self.config)
         if cfg.others and len(cfg.others) + 1 != len(models):
             raise SqueezeError(f"fuse: {len(cfg.others)} other models configured but {len(models) - 1} given")
         check_compatible(models)
@@ -148,7 +148,7 @@ class FusePass(Pass):
                     )
 
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
-        cfg = self.config
+        cfg = cast(FuseConfig, self.config)
         family = ctx.family
         n = len(models)
         anchor_i = self._anchor(n)
@@ -219,6 +219,7 @@ class FusePass(Pass):
         from squeeze.compress.distill import DistillConfig, distill
         from squeeze.compress.distill_losses import model_targets
 
+        cfg = cast(FuseConfig, self.config)
         family = ctx.family
 
         def teacher(batch, need_hidden: bool, need_layers: bool):
@@ -232,7 +233,7 @@ class FusePass(Pass):
             model,
             teacher,
             ctx.calib_batches(),
-            DistillConfig(steps=self.config.finetune_steps, lr=self.config.finetune_lr),
+            DistillConfig(steps=cfg.finetune_steps, lr=cfg.finetune_lr),
             ctx,
         )
         model.eval()
