@@ -13,6 +13,7 @@ plus, with ``loss="layers"``, every layer's hidden state against the same teache
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 from torch import nn
@@ -34,7 +35,7 @@ def _swap(model: nn.Module, kind: type, make) -> list[nn.Module]:
     return new
 
 
-def _owned(modules: list[nn.Module]):
+def _owned(modules: Sequence[nn.Module]):
     ids = {id(p) for m in modules for p in m.parameters()}
     return lambda name, p: id(p) in ids
 
