@@ -22,8 +22,9 @@ relative to the top-level model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Literal, cast
 
 import torch
 import transformers
@@ -115,9 +116,7 @@ class Family:
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     type_classes: tuple[tuple[str, str], ...] = ()  # (model_type, default class) where not default_class
     attention_interface: bool = True  # attention runs through transformers' AttentionInterface
-    skip: Callable[["Family", nn.Module, Sublayer, bool], None] | None = field(
-        default=None, repr=False, compare=False
-    )
+    skip: Callable[[Family, nn.Module, Sublayer, bool], None] | None = field(default=None, repr=False, compare=False)
 
     # ---------------- structure ----------------
 
@@ -127,7 +126,7 @@ class Family:
 
     def base(self, model: nn.Module) -> nn.Module:
         """The base transformer (no head); for squeeze wrappers, the wrapped model's base."""
-        return model.base_model
+        return cast(nn.Module, model.base_model)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(self.base(model), self.layers_path)
@@ -138,7 +137,7 @@ class Family:
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """Call ``model`` on a batch the way squeeze always does: the model's inputs only (no
         ``labels``), ``return_dict``, and no KV cache for decoders. Returns the model's output."""
-        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        kwargs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
         if self.causal:
             kwargs["use_cache"] = False
         return model(**kwargs, return_dict=True)
@@ -205,8 +204,8 @@ class Family:
     def split_qkv(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         """q, k and v of one layer as three ``nn.Linear`` (copies for a fused qkv)."""
         if self.roles.get("qkv") is None:
-            return tuple(self.as_linear(self.role(layer, r)) for r in ("q", "k", "v"))  # type: ignore[return-value]
-        fused = self.role(layer, "qkv")
+            return tuple(self.as_linear(self.role(layer, r)) for r in ("q", "k", "v"))
+        fused = cast(Any, self.role(layer, "qkv"))  # an nn.Linear or transformers' Conv1D
         w = self.linear_weight(fused)  # (3 * d, d_in)
         b = fused.bias
         parts = []
@@ -223,13 +222,13 @@ class Family:
         """Write three (out, in) projections back into the layer (fused or not)."""
         if self.roles.get("qkv") is None:
             for role, lin in zip(("q", "k", "v"), (q, k, v)):
-                target = self.role(layer, role)
+                target = cast(Any, self.role(layer, role))  # an nn.Linear or transformers' Conv1D
                 self.set_linear_weight(target, lin.weight)
                 if target.bias is not None:
                     with torch.no_grad():
                         target.bias.copy_(lin.bias)
             return
-        fused = self.role(layer, "qkv")
+        fused = cast(Any, self.role(layer, "qkv"))
         self.set_linear_weight(fused, torch.cat([q.weight, k.weight, v.weight], dim=0))
         if fused.bias is not None:
             with torch.no_grad():
@@ -255,7 +254,7 @@ class Family:
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The attention module of every layer (skipped ones included)."""
-        return [self.role(layer, "attn") for layer in self.layers(model)]
+        return [cast(nn.Module, self.role(layer, "attn")) for layer in self.layers(model)]
 
     def renumber_kv_cache(self, model: nn.Module) -> list[int | None]:
         """Give each kept attention layer a dense KV-cache slot (0, 1, ...) after drops.
@@ -267,7 +266,7 @@ class Family:
         slots: list[int | None] = []
         n = 0
         for layer in self.layers(model):
-            attn = self.role(layer, "attn")
+            attn: Any = self.role(layer, "attn")  # a transformers attention module: layer_idx is a plain int
             if self.is_skipped(layer, "attn"):
                 slots.append(None)
                 continue
@@ -282,16 +281,16 @@ class Family:
         layers = self.layers(model)
         keep = [m for i, m in enumerate(layers) if i not in set(drop)]
         _set(self.base(model), self.layers_path, nn.ModuleList(keep))
-        cfg = model.config
+        cfg: Any = model.config  # a transformers config: its fields depend on the model type
         cfg.num_hidden_layers = len(keep)
         if getattr(cfg, "layer_types", None) is not None:
             cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in set(drop)]
         for new_idx, layer in enumerate(keep):
-            attn = self.role(layer, "attn")
+            attn: Any = self.role(layer, "attn")
             if hasattr(attn, "layer_idx"):
                 attn.layer_idx = new_idx
             if hasattr(layer, "layer_idx"):
-                layer.layer_idx = new_idx
+                cast(Any, layer).layer_idx = new_idx
 
     # ---------------- residual-stream taps and KV-cache slots (used by the prune pass) ----------------
 
@@ -305,9 +304,9 @@ class Family:
         intermediate), so partially pruned models can be re-scored.
         """
         if self.norm_placement == "pre":
-            return self.role(layer, "mlp_norm")
+            return cast(nn.Module, self.role(layer, "mlp_norm"))
         mlp = self.role(layer, "mlp")
-        return mlp[0] if isinstance(mlp, tuple) else mlp
+        return cast(nn.Module, mlp[0] if isinstance(mlp, tuple) else mlp)
 
     def compact_kv_cache(self, model: nn.Module) -> list[int | None]:
         """:meth:`renumber_kv_cache`, then make every KV cache the model uses hold exactly one
@@ -328,7 +327,7 @@ class Family:
         slots = self.renumber_kv_cache(model)
         kept = [i for i, s in enumerate(slots) if s is not None]
         base = self.base(model)
-        base._squeeze_kv_kept = (tuple(kept), len(slots))
+        cast(Any, base)._squeeze_kv_kept = (tuple(kept), len(slots))  # a plain attribute, read by the hook
         if len(kept) < len(slots) and not any(h is _compact_cache_hook for h in base._forward_pre_hooks.values()):
             base.register_forward_pre_hook(_compact_cache_hook, with_kwargs=True)
         return slots
@@ -347,7 +346,7 @@ class Family:
 
     def attention_core(self, layer: nn.Module) -> nn.Module:
         """The module transformers' attention function receives: the owner of q/k/v (or qkv)."""
-        path = self.role_path("q") or self.role_path("qkv")
+        path = cast(str, self.role_path("q") or self.role_path("qkv"))  # q and qkv are single modules
         return _get(layer, path.rpartition(".")[0])
 
     def input_norm(self, layer: nn.Module, sublayer: Sublayer) -> nn.Module | None:
@@ -355,7 +354,7 @@ class Family:
         or None where the norm's output also feeds the residual stream (post-LN BERT)."""
         if self.norm_placement != "pre":
             return None
-        return self.role(layer, "attn_norm" if sublayer == "attn" else "mlp_norm")
+        return cast(nn.Module, self.role(layer, "attn_norm" if sublayer == "attn" else "mlp_norm"))
 
     def embedding_tables(self, model: nn.Module) -> list[tuple[str, nn.Embedding]]:
         """Every ``nn.Embedding`` of the embeddings as ``(key, module)``, except a table tied to
@@ -382,7 +381,7 @@ class Family:
 
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, eager_mask)
-        model.set_attn_implementation(name)
+        cast(Any, model).set_attn_implementation(name)  # a transformers PreTrainedModel
 
     @staticmethod
     def num_kv_heads(config) -> int:
@@ -414,7 +413,9 @@ def _compact_cache_hook(module: nn.Module, args: tuple, kwargs: dict):
             use_cache = bool(getattr(module.config, "use_cache", False))
         if not use_cache or module.training:
             return None
-        cache = DynamicCache(config=module.config)  # what the model would build itself
+        cache = DynamicCache(
+            config=cast(transformers.PretrainedConfig, module.config)
+        )  # what the model would build itself
         kwargs[key] = cache
     if isinstance(cache, Cache) and len(cache.layers) == total:
         cache.layers = [cache.layers[i] for i in kept]
@@ -433,10 +434,10 @@ def _skip_bert(fam: Family, layer: nn.Module, which: Sublayer, keep_norm: bool) 
     # BERT: attention = self-attention + output(dense, LayerNorm(x + h)); mlp = intermediate +
     # output(dense, LayerNorm(x + h)). Skipping replaces the whole block, LN optionally kept.
     if which == "attn":
-        norm = fam.role(layer, "attn_norm") if keep_norm else None
+        norm = cast(nn.Module, fam.role(layer, "attn_norm")) if keep_norm else None
         layer.attention = PassThroughAttention(norm)
     else:
-        norm = fam.role(layer, "mlp_norm") if keep_norm else None
+        norm = cast(nn.Module, fam.role(layer, "mlp_norm")) if keep_norm else None
         layer.intermediate = nn.Identity()
         layer.output = PassThroughOutput(norm)
 
@@ -447,9 +448,18 @@ BERT = Family(
     modality="text",
     causal=False,
     default_class="BertModel",
-    classes=("BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForTokenClassification",
-             "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
-             "XLMRobertaModel", "XLMRobertaForMaskedLM", "XLMRobertaForSequenceClassification"),
+    classes=(
+        "BertModel",
+        "BertForSequenceClassification",
+        "BertForMaskedLM",
+        "BertForTokenClassification",
+        "RobertaModel",
+        "RobertaForMaskedLM",
+        "RobertaForSequenceClassification",
+        "XLMRobertaModel",
+        "XLMRobertaForMaskedLM",
+        "XLMRobertaForSequenceClassification",
+    ),
     type_classes=(("roberta", "RobertaModel"), ("xlm-roberta", "XLMRobertaModel")),
     layers_path="encoder.layer",
     roles={
@@ -677,7 +687,7 @@ def model_class(family: Family, config) -> type:
 def build_from_config(family: Family, config) -> nn.Module:
     """An architecture with freshly initialised weights (to be overwritten by a state dict)."""
     cls = model_class(family, config)
-    model = cls._from_config(config)
+    model = cls._from_config(config)  # type: ignore[attr-defined]  # a transformers PreTrainedModel class
     model.eval()
     return model
 
@@ -807,7 +817,9 @@ def weight_spaces(family: Family, model: nn.Module) -> list[Space]:
     A tied head (GPT-2's lm_head is wte) is listed once, as the embedding it is.
     """
     if family.name not in _EMBED_AXES:  # gemma (rotary, (1 + w) norms) and mpnet (per-head position bias): not yet
-        raise SqueezeError(f"the weight spaces of {family.name} models are not described; supported: {', '.join(_EMBED_AXES)}")
+        raise SqueezeError(
+            f"the weight spaces of {family.name} models are not described; supported: {', '.join(_EMBED_AXES)}"
+        )
     cfg = model.config
     base = _prefix_of(model, family.base(model))
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -818,7 +830,9 @@ def weight_spaces(family: Family, model: nn.Module) -> list[Space]:
     ci, co = (0, 1) if family.conv1d else (1, 0)  # stored (in, out) for Conv1D, (out, in) for Linear
     resid: list[Axis] = []
 
-    def linear(path: str, io: str, part: str, space_dim: str, stage=None, start=0, stop=None) -> list[Axis]:
+    def linear(
+        path: str, io: Literal["in", "out"], part: str, space_dim: str, stage=None, start=0, stop=None
+    ) -> list[Axis]:
         dim = ci if space_dim == "in" else co
         out = [Axis(f"{path}.weight", dim, io, part, start, stop, stage)]
         if space_dim == "out" and f"{path}.bias" in state:
@@ -838,7 +852,8 @@ def weight_spaces(family: Family, model: nn.Module) -> list[Space]:
     n_layers = family.num_layers(model)
     for i in range(n_layers):
         lp = f"{base}{family.layers_path}.{i}."
-        r = {role: family.role_path(role) for role in family.roles}
+        # str paths, a tuple for mlp_in, None for a role the family lacks (qkv or q/k/v)
+        r: dict[str, Any] = {role: family.role_path(role) for role in family.roles}
         s_in, s_mid, s_out = 2 * i, 2 * i + 1, 2 * i + 2
         if r["qkv"] is not None:
             qkv = lp + r["qkv"]
@@ -916,7 +931,7 @@ def weight_spaces(family: Family, model: nn.Module) -> list[Space]:
     readers = [base + p for p in _FINAL_READERS[family.name]]
     head = family.head_module(model)
     if head is not None and not any(head.weight is p for k, p in params.items() if k.startswith(base)):
-        readers.append(family.head)  # an untied head; a tied one is the embedding already listed
+        readers.append(cast(str, family.head))  # an untied head; a tied one is the embedding already listed
     for path in readers:
         if f"{path}.weight" in state:
             resid += linear(path, "in", "head", "in", stage=last)
@@ -941,7 +956,7 @@ def random_symmetry(spaces: list[Space], generator: torch.Generator) -> dict[str
         if s.kind in ("residual", "mlp"):
             out[s.name] = {"all": rand(next(iter(s.sizes.values())))}
         else:
-            by_layer.setdefault(s.layer, {})[s.kind] = s
+            by_layer.setdefault(cast(int, s.layer), {})[s.kind] = s  # qk / vo spaces belong to a layer
     for pair in by_layer.values():
         qk, vo = pair["qk"], pair["vo"]
         h, g = qk.heads, qk.kv_heads
@@ -976,7 +991,7 @@ def permute_spaces(state: dict[str, torch.Tensor], spaces: list[Space], perm: di
     }  # tied tensors (GPT-2's lm_head is wte) move together
     for s in spaces:
         for ax in s.axes:
-            idx = perm[s.name].get(ax.part, perm[s.name].get("all"))
+            idx = cast(torch.Tensor, perm[s.name].get(ax.part, perm[s.name].get("all")))
             t = out[ax.param]
             stop = t.shape[ax.dim] if ax.stop is None else ax.stop
             part = t.narrow(ax.dim, ax.start, stop - ax.start).index_select(ax.dim, idx)
