@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
 
 from squeeze.cli.common import console, err_console, print_json
 from squeeze.cli.options import Json
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
 
@@ -137,7 +140,7 @@ class _RichReporter:
         from squeeze.cli.common import PlainProgress
 
         self.live = console.is_terminal
-        self.bars = None
+        self.bars: Progress | None = None
         self.plain = None if self.live else PlainProgress()  # logs and CI: plain lines on stderr
 
     def __enter__(self) -> "_RichReporter":
