@@ -88,8 +88,8 @@ def data_spec(data: DataSpec | str | os.PathLike | None) -> DataSpec:
     if isinstance(data, DataSpec):
         return data
     source = str(data)
-    if source not in ("builtin", "synthetic") and not Path(source).exists():
-        raise SqueezeError(f"{source}: no such calibration data (use builtin, synthetic or a path)")
+    if source not in ("builtin", "synthetic", "wiki") and not Path(source).exists():
+        raise SqueezeError(f"{source}: no such calibration data (use builtin, synthetic, wiki or a path)")
     return DataSpec(source=source)
 
 

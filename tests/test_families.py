@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny import build_tiny
+from tiny_more import MORE, build_tiny_more
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
@@ -14,10 +15,15 @@ from squeeze.compress.families import FAMILIES, Family, family_for, supported_mo
 ROLES = ("attn", "mlp", "attn_norm", "mlp_norm", "attn_out", "mlp_in", "mlp_out")
 
 
+def _build(name: str) -> nn.Module:
+    """A tiny model of any family in the table (tests/tiny_more.py holds the issue-14 families)."""
+    return build_tiny_more(name) if name in MORE else build_tiny(name)
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_role_resolves(name):
     fam = FAMILIES[name]
-    model = build_tiny(name)
+    model = _build(name)
     layers = fam.layers(model)
     assert isinstance(layers, nn.ModuleList) and len(layers) == model.config.num_hidden_layers
     for layer in layers:
@@ -54,7 +60,7 @@ def test_linear_weight_is_out_in_for_conv1d():
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_split_and_pack_qkv_round_trip(name):
     fam = FAMILIES[name]
-    layer = fam.layers(build_tiny(name))[0]
+    layer = fam.layers(_build(name))[0]
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     q, k, v = fam.split_qkv(layer)
     assert q.weight.shape[1] == k.weight.shape[1] == v.weight.shape[1]
@@ -78,7 +84,7 @@ def _halve(lin):
 def test_skipped_sublayer_is_the_identity_branch(name, which):
     """After skip_sublayer, the layer computes h_out = h_in for that branch exactly."""
     fam = FAMILIES[name]
-    model = build_tiny(name)
+    model = _build(name)
     layer = fam.layers(model)[1]
     fam.skip_sublayer(layer, which)
     assert fam.is_skipped(layer, which)
