@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -19,19 +19,29 @@ recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
 
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (default: out/<recipe name>)."),
-    job: Optional[list[str]] = typer.Option(None, "--job", help="Run only this job (repeatable; a matrix job's name runs all its points)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output folder (default: out/<recipe name>)."),
+    job: list[str] | None = typer.Option(
+        None, "--job", help="Run only this job (repeatable; a matrix job's name runs all its points)."
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore finished steps and run everything again."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show which steps would run; run nothing."),
-    samples: Optional[int] = typer.Option(None, "--samples", min=1, max=100_000,
-                                          help="Cap calibration and evaluation samples of every job (quick runs)."),
+    samples: int | None = typer.Option(
+        None, "--samples", min=1, max=100_000, help="Cap calibration and evaluation samples of every job (quick runs)."
+    ),
     force: bool = typer.Option(False, "--force", help="Run into a folder that holds files squeeze did not write."),
-    executor: str = typer.Option("local", "--executor", help="Where jobs run: local (one after another, here) or ray "
-                                 "(one Ray task per job; -o must be a path every worker sees). Needs squeeze[ray]."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto or HOST:PORT (default: start "
-                                          "Ray on this machine)."),
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        help="Where jobs run: local (one after another, here) or ray "
+        "(one Ray task per job; -o must be a path every worker sees). Needs squeeze[ray].",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster: auto or HOST:PORT (default: start Ray on this machine)."
+    ),
     cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="Ray: CPUs each job's task asks for."),
-    memory_per_job: Optional[int] = typer.Option(None, "--memory-per-job", min=1, help="Ray: MB each job's task asks for."),
+    memory_per_job: int | None = typer.Option(
+        None, "--memory-per-job", min=1, help="Ray: MB each job's task asks for."
+    ),
 ) -> None:
     """Run a recipe's jobs; finished steps are reused; print the ledger and write the report."""
     from squeeze.compress import executors, pipeline, report
@@ -94,7 +104,9 @@ def show_report(
     print_ledger(data)
     for j in data["jobs"]:
         if j["status"] != "ok":
-            err_console.print(f"[red]failed:[/red] job {j['job']}, step {j.get('failed_step')}: {j.get('error')}", soft_wrap=True)
+            err_console.print(
+                f"[red]failed:[/red] job {j['job']}, step {j.get('failed_step')}: {j.get('error')}", soft_wrap=True
+            )
 
 
 def print_ledger(data: dict[str, Any]) -> None:
@@ -112,8 +124,10 @@ def ledger(data: dict[str, Any]) -> Table:
     from squeeze.compress.report import ledger_table
 
     cols, cells = ledger_table(data)
-    t = Table(title="ledger: cos = cosine vs the job's original model (mean, worst); ORT ms = ONNX Runtime latency",
-              title_justify="left")
+    t = Table(
+        title="ledger: cos = cosine vs the job's original model (mean, worst); ORT ms = ONNX Runtime latency",
+        title_justify="left",
+    )
     for c in cols:
         t.add_column(c, justify="right" if c not in ("job", "step", "") else "left", overflow="fold")
     for row in cells:
@@ -129,7 +143,13 @@ def _print_plan(plans: list, out: Path) -> None:
     for jp in plans:
         for s in jp.steps:
             folder = s.folder.relative_to(out) if s.folder.is_relative_to(out) else s.folder
-            t.add_row(jp.job.name, f"{s.index} {s.name}", s.key[:12], str(folder), "cached" if s.done else "[yellow]run[/yellow]")
+            t.add_row(
+                jp.job.name,
+                f"{s.index} {s.name}",
+                s.key[:12],
+                str(folder),
+                "cached" if s.done else "[yellow]run[/yellow]",
+            )
     console.print(t)
 
 
@@ -143,12 +163,18 @@ class _RichReporter:
         self.bars: Progress | None = None
         self.plain = None if self.live else PlainProgress()  # logs and CI: plain lines on stderr
 
-    def __enter__(self) -> "_RichReporter":
+    def __enter__(self) -> _RichReporter:
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
+            self.bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
             self.bars.__enter__()
             self.jobs = self.bars.add_task("jobs", total=1)
             self.steps = self.bars.add_task("steps", total=1)
@@ -177,8 +203,9 @@ class _RichReporter:
             self.bars.update(self.steps, completed=row["step"])
             fid = (row.get("fidelity") or {}).get("cos_mean")
             note = "cached" if row.get("cached") else f"{row.get('seconds', 0):.1f} s"
-            console.print(f"  {job.name} {row['step']:>2} {row['pass']:<10} "
-                          f"{'' if fid is None else f'cos {fid:.4f}  '}{note}")
+            console.print(
+                f"  {job.name} {row['step']:>2} {row['pass']:<10} {'' if fid is None else f'cos {fid:.4f}  '}{note}"
+            )
 
     def job_done(self, result) -> None:
         if self.bars is not None:

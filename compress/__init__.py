@@ -26,4 +26,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'squeeze.compress' has no attribute {name!r}")
 
 
-__all__ = ["Checkpoint", "SqueezeError", "ValidationFailed", "__version__", "apply", "evaluate", "export", "load", "save"]
+__all__ = [
+    "Checkpoint",
+    "SqueezeError",
+    "ValidationFailed",
+    "__version__",
+    "apply",
+    "evaluate",
+    "export",
+    "load",
+    "save",
+]

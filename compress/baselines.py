@@ -55,8 +55,14 @@ def ort_dynamic(fp32: Path, out: Path) -> Path:
     return out
 
 
-def job_baselines(original: Checkpoint, reference: Reference, folder: Path, key: str, feeds: dict[str, np.ndarray],
-                  spec: DataSpec | None = None) -> dict[str, dict[str, Any]]:
+def job_baselines(
+    original: Checkpoint,
+    reference: Reference,
+    folder: Path,
+    key: str,
+    feeds: dict[str, np.ndarray],
+    spec: DataSpec | None = None,
+) -> dict[str, dict[str, Any]]:
     """``{"fp32 ONNX": row, "ORT dynamic int8": row}`` for a job; each row holds ``bytes``,
     ``latency_ms``, ``latency_ratio`` / ``ratio_spread`` (vs the fp32 graph) and ``fidelity``."""
     from squeeze.compress.export import export_onnx

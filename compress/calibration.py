@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ class DataSpec(BaseModel):
     eval_samples: int = Field(64, ge=1, le=100_000)
     seed: int = 0
 
-    def for_eval(self) -> "DataSpec":
+    def for_eval(self) -> DataSpec:
         return self.model_copy(update={"samples": self.eval_samples})
 
     def fingerprint(self) -> str:
@@ -199,7 +200,9 @@ def _text_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
         warn(f"only {len(texts)} {split} samples available (asked for {spec.samples})")
     out: list[Batch] = []
     for i in range(0, len(texts), spec.batch_size):
-        enc = tok(texts[i : i + spec.batch_size], padding=True, truncation=True, max_length=spec.seq_len, return_tensors="pt")
+        enc = tok(
+            texts[i : i + spec.batch_size], padding=True, truncation=True, max_length=spec.seq_len, return_tensors="pt"
+        )
         batch = {k: v for k, v in enc.items() if k in fam.model_inputs}
         if labels:
             batch["labels"] = torch.tensor(labels[i : i + spec.batch_size])
@@ -219,10 +222,7 @@ def _packed(tok, texts: list[str], spec: DataSpec, split: str, warn) -> list[Bat
     elif n < spec.samples and split == "calib":
         warn(f"only {n} packed {split} blocks of {seq} tokens available (asked for {spec.samples})")
     blocks = ids[: n * seq].view(n, seq)
-    return [
-        {"input_ids": b, "attention_mask": torch.ones_like(b)}
-        for b in blocks.split(spec.batch_size)
-    ]
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in blocks.split(spec.batch_size)]
 
 
 def _synthetic_text(ckpt, spec: DataSpec, split: str) -> list[Batch]:
@@ -254,7 +254,9 @@ def _image_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
         arrays, labels = _read_images(Path(spec.source))
         idx = _split(list(range(len(arrays))), split, spec.eval_samples)[: spec.samples]
         proc = image_processor(ckpt.name)
-        pixels = processed_pixels(proc, arrays[idx]) if proc is not None else to_pixel_values(arrays[idx], channels, size)
+        pixels = (
+            processed_pixels(proc, arrays[idx]) if proc is not None else to_pixel_values(arrays[idx], channels, size)
+        )
         labels = labels[idx] if labels is not None else None
     out = []
     for i in range(0, len(pixels), spec.batch_size):
@@ -286,7 +288,9 @@ def _read_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             raise SqueezeError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
         if not np.issubdtype(pixels.dtype, np.number) or not np.isfinite(pixels).all():
             raise SqueezeError(f"{path}: {key} must hold finite numbers, got {pixels.dtype}")
-        if labels is not None and (labels.ndim != 1 or len(labels) != len(pixels) or not np.issubdtype(labels.dtype, np.integer)):
+        if labels is not None and (
+            labels.ndim != 1 or len(labels) != len(pixels) or not np.issubdtype(labels.dtype, np.integer)
+        ):
             raise SqueezeError(f"{path}: labels must be one integer class index per image")
         return pixels, labels
     if path.is_dir():

@@ -64,7 +64,9 @@ def evaluate_against(model_ref: str, reference, spec, *, load: Callable[[str], A
     else:
         other = load(model_ref)
         if other.family.name != reference.family.name:
-            raise SqueezeError(f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model")
+            raise SqueezeError(
+                f"{model_ref} is a {other.family.name} model, the reference a {reference.family.name} model"
+            )
     # A data file given to eval is all evaluation data (it used to keep only its last quarter: 10 of
     # 40 labelled rows); the built-in corpus keeps its held-apart part.
     split = "eval" if spec.source in ("builtin", "synthetic") else "all"
@@ -79,6 +81,8 @@ def evaluate_against(model_ref: str, reference, spec, *, load: Callable[[str], A
         try:
             new = reference_outputs(other.model, other.family, data)
         except IndexError:  # an embedding lookup past the end: the reference's tokens are not its tokens
-            raise SqueezeError(f"{model_ref}: the reference's token ids are outside its vocabulary "
-                               "(not a compressed version of the reference)") from None
+            raise SqueezeError(
+                f"{model_ref}: the reference's token ids are outside its vocabulary "
+                "(not a compressed version of the reference)"
+            ) from None
     return compare_outputs(ref, new)

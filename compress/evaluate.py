@@ -103,13 +103,15 @@ def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
     acc_ref = acc_new = n_lab = 0
     offset = 0
     for r_out, n_out, batch in zip(ref.outputs, new.outputs, ref.batches):
-        (name, r), = r_out.items()
+        ((name, r),) = r_out.items()
         n = n_out[name]
         if r.shape != n.shape:  # another vocabulary or head: nothing here is comparable
             from squeeze.compress.errors import SqueezeError
 
-            raise SqueezeError(f"{name} has shape {tuple(n.shape)}, the reference's {tuple(r.shape)}: "
-                               "not a compressed version of the reference (another vocabulary or head?)")
+            raise SqueezeError(
+                f"{name} has shape {tuple(n.shape)}, the reference's {tuple(r.shape)}: "
+                "not a compressed version of the reference (another vocabulary or head?)"
+            )
         max_abs = max(max_abs, float((r - n).abs().max()))
         vr, idx = _representation(name, r, batch, fam)
         vn, _ = _representation(name, n, batch, fam)

@@ -54,13 +54,24 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="squeeze-latency-") as tmp:
         arrays: dict[str, Any] = {k: np.asarray(v) for k, v in feeds.items()}
         np.savez(Path(tmp) / "feeds.npz", **arrays)
-        args = {"graph": str(graph), "reference": str(reference) if reference else None,
-                "feeds": str(Path(tmp) / "feeds.npz"), "rounds": rounds, "runs": runs, "warmup": warmup,
-                "threads": threads}
+        args = {
+            "graph": str(graph),
+            "reference": str(reference) if reference else None,
+            "feeds": str(Path(tmp) / "feeds.npz"),
+            "rounds": rounds,
+            "runs": runs,
+            "warmup": warmup,
+            "threads": threads,
+        }
         (Path(tmp) / "args.json").write_text(json.dumps(args))
         try:
-            proc = subprocess.run([sys.executable, __file__, str(Path(tmp) / "args.json")], capture_output=True,
-                                  text=True, timeout=timeout, check=False)
+            proc = subprocess.run(
+                [sys.executable, __file__, str(Path(tmp) / "args.json")],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise SqueezeError(f"{graph}: latency measurement took over {timeout:.0f} s") from None
     if proc.returncode != 0:
@@ -104,9 +115,11 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"latency_ms": round(float(np.median(per_round[0])), 4), "rounds": args["rounds"]}
     if len(sessions) == 2:
         ratios = np.array(per_round[0]) / np.array(per_round[1])
-        out.update(reference_ms=round(float(np.median(per_round[1])), 4),
-                   latency_ratio=round(float(np.median(ratios)), 4),
-                   ratio_spread=[round(float(q), 4) for q in np.percentile(ratios, [25, 75])])
+        out.update(
+            reference_ms=round(float(np.median(per_round[1])), 4),
+            latency_ratio=round(float(np.median(ratios)), 4),
+            ratio_spread=[round(float(q), 4) for q in np.percentile(ratios, [25, 75])],
+        )
     return out
 
 

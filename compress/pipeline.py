@@ -49,8 +49,16 @@ from squeeze.compress.calibration import DataSpec
 from squeeze.compress.checkpoint import Checkpoint, atomic_dir, resolve, squeeze_version, weight_files
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes import PassConfig
-from squeeze.compress.pipeline_steps import (BASELINES_DIR, ONNX_NAME, ORIGINAL_FILE, STEP_FILE, JobState, export_step,
-                                             pass_step, read_step, write_json)
+from squeeze.compress.pipeline_steps import (
+    BASELINES_DIR,
+    ONNX_NAME,
+    STEP_FILE,
+    JobState,
+    export_step,
+    pass_step,
+    read_step,
+    write_json,
+)
 from squeeze.compress.recipe import EXPORT, JobBase, Recipe, model_refs
 from squeeze.compress.run import load
 
@@ -79,7 +87,7 @@ class Reporter:
 
     def step_done(self, job: JobBase, row: dict[str, Any]) -> None: ...
 
-    def job_done(self, result: "JobResult") -> None: ...
+    def job_done(self, result: JobResult) -> None: ...
 
     def progress(self, label: str, done: int, total: int) -> None:
         """Inner loops of a pass (PassContext.progress)."""
@@ -114,8 +122,15 @@ class JobResult:
     failed_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"job": self.job, "model": self.model, "point": self.point, "status": self.status,
-                "error": self.error, "failed_step": self.failed_step, "rows": self.rows}
+        return {
+            "job": self.job,
+            "model": self.model,
+            "point": self.point,
+            "status": self.status,
+            "error": self.error,
+            "failed_step": self.failed_step,
+            "rows": self.rows,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +170,15 @@ def step_key(input_key: str, name: str, config: PassConfig, job: JobBase) -> str
     refs = model_refs(config)
     if refs:  # the other models count by content, not by where they lie
         cfg.pop("others", None)
-    payload = {"input": input_key, "pass": name, "config": cfg, "with": [content_hash(r) for r in refs],
-               "data": data_spec(job).fingerprint(), "seed": job.seed, "squeeze": squeeze_version()}
+    payload = {
+        "input": input_key,
+        "pass": name,
+        "config": cfg,
+        "with": [content_hash(r) for r in refs],
+        "data": data_spec(job).fingerprint(),
+        "seed": job.seed,
+        "squeeze": squeeze_version(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -172,8 +194,16 @@ def plan(recipe: Recipe, out: str | Path, *, fresh: bool = False) -> list[JobPla
             key = step_key(key, step.pass_name, step.config, job)
             sf = folder / f"{i:02d}-{step.pass_name}"
             row = read_step(sf)
-            steps.append(StepPlan(i, step.pass_name, step.config, key, sf,
-                                  done=not fresh and row is not None and row.get("key") == key))
+            steps.append(
+                StepPlan(
+                    i,
+                    step.pass_name,
+                    step.config,
+                    key,
+                    sf,
+                    done=not fresh and row is not None and row.get("key") == key,
+                )
+            )
         plans.append(JobPlan(job, folder, original, steps))
     return plans
 
@@ -183,8 +213,14 @@ def plan(recipe: Recipe, out: str | Path, *, fresh: bool = False) -> list[JobPla
 # --------------------------------------------------------------------------------------------
 
 
-def run(recipe: Recipe, out: str | Path, *, fresh: bool = False, reporter: Reporter | None = None,
-        executor: Executor | None = None) -> list[JobResult]:
+def run(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    fresh: bool = False,
+    reporter: Reporter | None = None,
+    executor: Executor | None = None,
+) -> list[JobResult]:
     """Run every job of a recipe into ``out``; a failing job is recorded and the others still run.
     ``executor`` dispatches the jobs (compress/executors.py; default: one after another, here)."""
     from squeeze.compress.executors import LocalExecutor
@@ -208,8 +244,9 @@ def _job(jp: JobPlan, rep: Reporter | None, *, out: Path, known: dict[str, Path]
 
 def _lost(jp: JobPlan, error: str) -> JobResult:
     """A job whose worker was lost for good (the executor's retries spent)."""
-    return JobResult(job=jp.job.name, model=jp.job.model, point=dict(jp.job.point), status="failed", error=error,
-                     failed_step=0)
+    return JobResult(
+        job=jp.job.name, model=jp.job.model, point=dict(jp.job.point), status="failed", error=error, failed_step=0
+    )
 
 
 def _finished_steps(out: Path) -> dict[str, Path]:
@@ -242,7 +279,7 @@ def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> J
                 row.update(job=job.name, folder=_rel(step.folder, out), cached=True)
                 current = None
             else:
-                state.reference  # before any pass runs: a pass may change its input in place
+                _ = state.reference  # before any pass runs: a pass may change its input in place
                 if current is None:
                     prev = jp.steps[step.index - 2].folder if step.index > 1 else None
                     current = load(prev) if prev is not None else state.load_original()
@@ -252,9 +289,16 @@ def _run_job(jp: JobPlan, out: Path, known: dict[str, Path], rep: Reporter) -> J
                     current = None
                 else:
                     body, current = pass_step(current, step, state)
-                row = {"job": job.name, "step": step.index, "pass": step.name, **body, "key": step.key,
-                       "folder": _rel(step.folder, out), "seconds": round(time.perf_counter() - start, 3),
-                       "cached": False}
+                row = {
+                    "job": job.name,
+                    "step": step.index,
+                    "pass": step.name,
+                    **body,
+                    "key": step.key,
+                    "folder": _rel(step.folder, out),
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "cached": False,
+                }
                 write_json(step.folder / STEP_FILE, row)
                 known[step.key] = step.folder
             res.rows.append(row)
@@ -302,8 +346,9 @@ def _remove_stale(jp: JobPlan) -> None:
 
 def _made_by_squeeze(folder: Path) -> bool:
     """A step folder squeeze wrote: it holds a checkpoint manifest, a graph or a step mark."""
-    return folder.is_dir() and any((folder / n).exists() for n in (STEP_FILE, "squeeze.json", ONNX_NAME,
-                                                                    ONNX_NAME + ".report.json"))
+    return folder.is_dir() and any(
+        (folder / n).exists() for n in (STEP_FILE, "squeeze.json", ONNX_NAME, ONNX_NAME + ".report.json")
+    )
 
 
 def run_inputs(recipe: Recipe) -> list[Path]:

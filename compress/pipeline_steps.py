@@ -22,7 +22,7 @@ from squeeze.compress.calibration import Batch, DataSpec, batches
 from squeeze.compress.checkpoint import Checkpoint, atomic_dir, atomic_file, resolve, weight_files
 from squeeze.compress.errors import ValidationFailed
 from squeeze.compress.evaluate import PeakMemory, Reference, compare_outputs, count_params, reference_outputs
-from squeeze.compress.recipe import EXPORT, model_refs
+from squeeze.compress.recipe import model_refs
 from squeeze.compress.run import apply, load
 
 if TYPE_CHECKING:
@@ -79,10 +79,20 @@ class JobState:
         except (OSError, json.JSONDecodeError):
             pass
         orig = self.load_original()
-        row = {"job": self.job.name, "step": 0, "pass": "original", "key": self.jp.original_key,
-               "folder": self.job.model, "params": count_params(orig.model),
-               "bytes": sum(f.stat().st_size for f in weight_files(resolve(self.job.model))[0]),
-               "fidelity": {}, "latency_ms": None, "seconds": 0.0, "peak_mem_mb": None, "warnings": []}
+        row = {
+            "job": self.job.name,
+            "step": 0,
+            "pass": "original",
+            "key": self.jp.original_key,
+            "folder": self.job.model,
+            "params": count_params(orig.model),
+            "bytes": sum(f.stat().st_size for f in weight_files(resolve(self.job.model))[0]),
+            "fidelity": {},
+            "latency_ms": None,
+            "seconds": 0.0,
+            "peak_mem_mb": None,
+            "warnings": [],
+        }
         self.jp.folder.mkdir(parents=True, exist_ok=True)
         write_json(path, row)
         return row
@@ -91,9 +101,18 @@ class JobState:
 def pass_step(inp: Checkpoint, step: StepPlan, state: JobState) -> tuple[dict[str, Any], Checkpoint]:
     """Run a registered pass; return its ledger row and the result as reloaded from its folder."""
     job = state.job
-    new = apply(inp, step.config, others=model_refs(step.config), data=state.spec, out=step.folder, force=True,
-                trust_pickle=job.trust_pickle, seed=job.seed, progress=state.rep.progress,
-                workdir=step.folder.with_name(step.folder.name + ".train"))  # training passes resume from here
+    new = apply(
+        inp,
+        step.config,
+        others=model_refs(step.config),
+        data=state.spec,
+        out=step.folder,
+        force=True,
+        trust_pickle=job.trust_pickle,
+        seed=job.seed,
+        progress=state.rep.progress,
+        workdir=step.folder.with_name(step.folder.name + ".train"),
+    )  # training passes resume from here
     ledger = dict(new.manifest.ledger[-1])
     # save() copies the input folder's side files, the previous step's mark among them
     (step.folder / STEP_FILE).unlink(missing_ok=True)

@@ -49,10 +49,20 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic.functional_validators import BeforeValidator
 from pydantic_core import ErrorDetails
 
@@ -63,7 +73,7 @@ from squeeze.compress.passes import REGISTRY, PassConfig
 from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose, has_path
 
 EXPORT = "export"
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$"  # job names become folder names
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -91,7 +101,7 @@ class ExportStepConfig(PassConfig):
     latency_seq_len: int = Field(128, ge=1, le=32_768)
 
     @model_validator(mode="after")
-    def _dynamo_opset(self) -> "ExportStepConfig":
+    def _dynamo_opset(self) -> ExportStepConfig:
         if self.exporter == "dynamo" and self.opset < 18:
             raise ValueError(f"the dynamo exporter emits opset 18 or newer, got {self.opset}")
         return self
@@ -120,7 +130,7 @@ def _normalise_step(value: Any) -> Any:
     if isinstance(value, str):  # "- prune" == "- prune: {}"
         return {value: {}}
     if isinstance(value, dict) and len(value) == 1:
-        (k, v), = value.items()
+        ((k, v),) = value.items()
         if v is None:
             return {k: {}}
     return value
@@ -167,9 +177,12 @@ def job_model() -> type[JobBase]:
             step.pass_name = name
             members.append(Annotated[step, Tag(name)])
         union = Annotated[  # type: ignore[valid-type]
-            Union[tuple(members)],
-            Discriminator(_step_tag, custom_error_type="step_shape",
-                          custom_error_message="a step is a one-key mapping such as `prune: {drop_attn: 0.5}`"),
+            tuple(members),
+            Discriminator(
+                _step_tag,
+                custom_error_type="step_shape",
+                custom_error_message="a step is a one-key mapping such as `prune: {drop_attn: 0.5}`",
+            ),
             BeforeValidator(_normalise_step),
         ]
         _MODELS[key] = create_model("Job", __base__=JobBase, steps=(list[union], Field(min_length=1)))  # type: ignore[valid-type]
@@ -191,8 +204,12 @@ class RecipeFile(BaseModel):
     jobs: list[dict[str, Any]] = Field(min_length=1)
 
 
-Matrix = TypeAdapter(dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
-                          Annotated[list[Scalar], Field(min_length=1, max_length=1000)]])
+Matrix = TypeAdapter(
+    dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+        Annotated[list[Scalar], Field(min_length=1, max_length=1000)],
+    ]
+)
 
 
 @dataclass(eq=False)
@@ -215,24 +232,31 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.dump(), sort_keys=False, default_flow_style=None, width=100)
 
-    def select(self, names: list[str] | None) -> "Recipe":
+    def select(self, names: list[str] | None) -> Recipe:
         """Only the jobs named (an expanded name, or a matrix job's written name for all its points)."""
         if not names:
             return self
         known = {j.name for j in self.jobs} | set(self.origin.values())
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise SqueezeError(f"--job {unknown[0]}: no such job in the recipe; jobs: {', '.join(j.name for j in self.jobs)}")
+            raise SqueezeError(
+                f"--job {unknown[0]}: no such job in the recipe; jobs: {', '.join(j.name for j in self.jobs)}"
+            )
         jobs = [j for j in self.jobs if j.name in names or self.origin.get(j.name) in names]
         return Recipe(jobs=jobs, source=self.source, origin=self.origin, version=self.version)
 
-    def with_samples(self, n: int) -> "Recipe":
+    def with_samples(self, n: int) -> Recipe:
         """Every job with at most ``n`` calibration and evaluation samples (quick runs, CI)."""
         jobs = []
         for j in self.jobs:
             spec = j.calibration or DataSpec()
-            spec = spec.model_copy(update={"samples": min(spec.samples, n), "eval_samples": min(spec.eval_samples, n),
-                                           "batch_size": min(spec.batch_size, n)})
+            spec = spec.model_copy(
+                update={
+                    "samples": min(spec.samples, n),
+                    "eval_samples": min(spec.eval_samples, n),
+                    "batch_size": min(spec.batch_size, n),
+                }
+            )
             jobs.append(j.model_copy(update={"calibration": spec}))
         return Recipe(jobs=jobs, source=self.source, origin=self.origin, version=self.version)
 
@@ -247,8 +271,9 @@ def load_recipe(path: str | Path, *, check_refs: bool = True) -> Recipe:
     return parse_recipe(text, filename=str(path), base_dir=path.parent, check_refs=check_refs)
 
 
-def parse_recipe(text: str, *, filename: str = "<recipe>", base_dir: Path | None = None,
-                 check_refs: bool = True) -> Recipe:
+def parse_recipe(
+    text: str, *, filename: str = "<recipe>", base_dir: Path | None = None, check_refs: bool = True
+) -> Recipe:
     """Validate recipe text; relative paths resolve against ``base_dir``."""
     data, pos = compose(text, filename)
     errors = Errors(filename, pos)
@@ -280,7 +305,11 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", base_dir: Path | None
             resolved = _substitute(raw, point, (), used, errors, src)
             if len(errors.found) > before:  # an unknown placeholder: its type errors would only repeat it
                 continue
-            if point and isinstance(resolved.get("name"), str) and not any(f"${{{k}}}" in str(raw.get("name")) for k in point):
+            if (
+                point
+                and isinstance(resolved.get("name"), str)
+                and not any(f"${{{k}}}" in str(raw.get("name")) for k in point)
+            ):
                 resolved["name"] = resolved["name"] + "".join(f"-{k}={v}" for k, v in point.items())
             if point:
                 resolved["point"] = point
@@ -326,7 +355,7 @@ def _points(matrix: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(matrix[k] for k in keys))]
 
 
-def _substitute(value: Any, point: dict, path: tuple, used: set, errors: "Errors", src: "Source") -> Any:
+def _substitute(value: Any, point: dict, path: tuple, used: set, errors: Errors, src: Source) -> Any:
     if isinstance(value, dict):
         return {k: _substitute(v, point, (*path, k), used, errors, src) for k, v in value.items()}
     if isinstance(value, list):
@@ -404,9 +433,11 @@ def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_ref
         if name == EXPORT and i != n - 1:
             errors.add(src.loc(("steps", i, name)), f"export must be the last step (it is step {i + 1} of {n})", point)
         if kinds[name][1] and job.calibration is None:
-            errors.add(src.loc(("steps", i, name)),
-                       f"{name} needs calibration data: add `calibration: {{source: builtin}}` (or a file) to the job or to defaults",
-                       point)
+            errors.add(
+                src.loc(("steps", i, name)),
+                f"{name} needs calibration data: add `calibration: {{source: builtin}}` (or a file) to the job or to defaults",
+                point,
+            )
         if check_refs:
             key = "with" if has_path(src.job, ("steps", i, name, "with")) else "others"  # as the user wrote it
             for j, ref in enumerate(model_refs(step.config)):

@@ -93,8 +93,10 @@ def check_jobs(data: Any, pos: Positions, filename: str) -> None:
         if total > MAX_JOBS:
             line = pos.line(("jobs", i, "matrix"))
             where = f"{filename}:{line}" if line else filename
-            raise SqueezeError(f"{where}: {fmt_path(('jobs', i, 'matrix'))}: the matrices expand to more than "
-                               f"{MAX_JOBS} jobs ({points:,} in this one); split the sweep")
+            raise SqueezeError(
+                f"{where}: {fmt_path(('jobs', i, 'matrix'))}: the matrices expand to more than "
+                f"{MAX_JOBS} jobs ({points:,} in this one); split the sweep"
+            )
 
 
 def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename: str, depth: int) -> Any:
@@ -102,8 +104,10 @@ def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename:
         raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: nesting too deep (recursive alias?)")
     pos.budget -= 1
     if pos.budget < 0:
-        raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: the recipe expands to more than "
-                           f"{MAX_VALUES:,} values (aliases of aliases?)")
+        raise SqueezeError(
+            f"{filename}:{node.start_mark.line + 1}: the recipe expands to more than "
+            f"{MAX_VALUES:,} values (aliases of aliases?)"
+        )
     if isinstance(node, MappingNode):
         loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
         out: dict[Any, Any] = {}
@@ -133,7 +137,9 @@ def _build(loader: yaml.SafeLoader, node, path: Path_, pos: Positions, filename:
     except yaml.YAMLError as exc:
         raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: invalid value ({exc})") from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise SqueezeError(f"{filename}:{node.start_mark.line + 1}: {fmt_path(path)}: {node.value} is not a finite number")
+        raise SqueezeError(
+            f"{filename}:{node.start_mark.line + 1}: {fmt_path(path)}: {node.value} is not a finite number"
+        )
     return value
 
 
@@ -151,7 +157,9 @@ class Source:
     defaults: dict
 
     def loc(self, loc: tuple) -> tuple:
-        if has_path(self.job, loc) or not has_path(self.defaults, loc) and path_depth(self.job, loc) >= path_depth(self.defaults, loc):
+        if has_path(self.job, loc) or (
+            not has_path(self.defaults, loc) and path_depth(self.job, loc) >= path_depth(self.defaults, loc)
+        ):
             return ("jobs", self.index, *loc)
         return ("defaults", *loc)
 

@@ -31,8 +31,12 @@ def build(results: list, out: Path, recipe_path: str | None, order: list[str]) -
     for entry in previous.get("jobs", []):
         if entry["job"] in order and entry["job"] not in jobs:
             jobs[entry["job"]] = entry
-    return {"format": 1, "squeeze_version": squeeze_version(), "recipe": recipe_path,
-            "jobs": [jobs[name] for name in order if name in jobs]}
+    return {
+        "format": 1,
+        "squeeze_version": squeeze_version(),
+        "recipe": recipe_path,
+        "jobs": [jobs[name] for name in order if name in jobs],
+    }
 
 
 def write(report: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -108,31 +112,51 @@ def ledger_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows_in = [r for j in report["jobs"] for r in j["rows"]]
     extra = [k for k in ("top1", "ppl") if any(k in (r.get("fidelity") or {}) for r in rows_in)]
     ratio = any(r.get("latency_ratio") is not None for r in rows_in)
-    cols = ["job", "step", "params", "size", "cos", "cos min", *extra, "ORT ms", *(["vs fp32"] if ratio else []),
-            "seconds", "peak MB", ""]
+    cols = [
+        "job",
+        "step",
+        "params",
+        "size",
+        "cos",
+        "cos min",
+        *extra,
+        "ORT ms",
+        *(["vs fp32"] if ratio else []),
+        "seconds",
+        "peak MB",
+        "",
+    ]
     cells = []
     for j in report["jobs"]:
         for r in j["rows"]:
             fid = r.get("fidelity") or {}
             ref = r["step"] == 0
-            cells.append([
-                j["job"],
-                f"{r['step']} {r['pass']}",
-                f"{r['params']:,}",
-                fmt_bytes(r.get("bytes")),
-                "1 (ref)" if ref else _f(fid.get("cos_mean"), ".4f"),
-                "1 (ref)" if ref else _f(fid.get("cos_worst"), ".4f"),
-                *[("-" if ref else _f(fid.get(k), ".4g")) for k in extra],
-                _f(r.get("latency_ms"), ".2f"),
-                *([_ratio(r)] if ratio else []),
-                _f(r.get("seconds"), ".1f"),
-                _f(r.get("peak_mem_mb"), ".0f"),
-                "cached" if r.get("cached") else "",
-            ])
+            cells.append(
+                [
+                    j["job"],
+                    f"{r['step']} {r['pass']}",
+                    f"{r['params']:,}",
+                    fmt_bytes(r.get("bytes")),
+                    "1 (ref)" if ref else _f(fid.get("cos_mean"), ".4f"),
+                    "1 (ref)" if ref else _f(fid.get("cos_worst"), ".4f"),
+                    *[("-" if ref else _f(fid.get(k), ".4g")) for k in extra],
+                    _f(r.get("latency_ms"), ".2f"),
+                    *([_ratio(r)] if ratio else []),
+                    _f(r.get("seconds"), ".1f"),
+                    _f(r.get("peak_mem_mb"), ".0f"),
+                    "cached" if r.get("cached") else "",
+                ]
+            )
         if j["status"] != "ok":
             error = " ".join((j.get("error") or "").split())
-            cells.append([j["job"], f"{j.get('failed_step')} FAILED", *[""] * (len(cols) - 3),
-                          error if len(error) <= 70 else error[:67] + "..."])  # in full below the table
+            cells.append(
+                [
+                    j["job"],
+                    f"{j.get('failed_step')} FAILED",
+                    *[""] * (len(cols) - 3),
+                    error if len(error) <= 70 else error[:67] + "...",
+                ]
+            )  # in full below the table
     return cols, cells
 
 
@@ -148,17 +172,24 @@ def _ratio(row: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     cols, cells = ledger_table(report)
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = [f"# squeeze run: {report.get('recipe') or ''}".rstrip(), "",
-             "cos / cos min: mean and worst cosine similarity against each job's original model on the "
-             "held-apart evaluation data (top1: agreement of the argmax; ppl: perplexity, where the model "
-             "has logits). ORT ms: ONNX Runtime CPU latency, for the steps that exported; vs fp32: that latency over "
-             "the job's fp32 graph's, timed in alternating rounds in a fresh process (median, interquartile range). "
-             "Full numbers: report.json.", "",
-             "| " + " | ".join(c or "note" for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines = [
+        f"# squeeze run: {report.get('recipe') or ''}".rstrip(),
+        "",
+        "cos / cos min: mean and worst cosine similarity against each job's original model on the "
+        "held-apart evaluation data (top1: agreement of the argmax; ppl: perplexity, where the model "
+        "has logits). ORT ms: ONNX Runtime CPU latency, for the steps that exported; vs fp32: that latency over "
+        "the job's fp32 graph's, timed in alternating rounds in a fresh process (median, interquartile range). "
+        "Full numbers: report.json.",
+        "",
+        "| " + " | ".join(c or "note" for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
     failed = [j for j in report["jobs"] if j["status"] != "ok"]
     if failed:
-        lines += ["", "## Failed jobs", ""] + [f"- {j['job']} (step {j.get('failed_step')}): {esc(j.get('error'))}" for j in failed]
+        lines += ["", "## Failed jobs", ""] + [
+            f"- {j['job']} (step {j.get('failed_step')}): {esc(j.get('error'))}" for j in failed
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -234,8 +265,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
                         lo, hi = r["ratio_spread"]
                         ax.errorbar(r[key], cos, xerr=[[r[key] - lo], [hi - r[key]]], color=f"C{n % 10}", lw=1)
             if series:
-                ax.plot([x for x, _, _ in series], [y for _, y, _ in series], "-o", color=f"C{n % 10}", alpha=0.7,
-                        markersize=5, label=job["job"])
+                ax.plot(
+                    [x for x, _, _ in series],
+                    [y for _, y, _ in series],
+                    "-o",
+                    color=f"C{n % 10}",
+                    alpha=0.7,
+                    markersize=5,
+                    label=job["job"],
+                )
                 pts += series
         marked = []
         for (name, row), marker in zip(_baselines(report), "*DPXhv^<>", strict=False):  # in the legend, not on the plot
@@ -243,24 +281,56 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 if key == "latency_ratio" and row.get("ratio_spread"):
                     lo, hi = row["ratio_spread"]
                     ax.errorbar(row[key], row["cos"], xerr=[[row[key] - lo], [hi - row[key]]], color="black", lw=1)
-                ax.plot(row[key] * scale, row["cos"], marker, color="black", markersize=11 if marker == "*" else 8,
-                        zorder=5, linestyle="none", label=name)
+                ax.plot(
+                    row[key] * scale,
+                    row["cos"],
+                    marker,
+                    color="black",
+                    markersize=11 if marker == "*" else 8,
+                    zorder=5,
+                    linestyle="none",
+                    label=name,
+                )
                 marked.append((row[key] * scale, row["cos"]))
         front = [pts[i] for i in pareto([(x, y) for x, y, _ in pts])]
         span = max([x for x, _, _ in pts] + [x for x, _ in marked] + [1e-9])
-        front_labels = [p for p in front if not any(abs(p[0] - x) < 0.03 * span and abs(p[1] - y) < 1e-4 for x, y in marked)]
+        front_labels = [
+            p for p in front if not any(abs(p[0] - x) < 0.03 * span and abs(p[1] - y) < 1e-4 for x, y in marked)
+        ]
         if len(front) > 1:
-            ax.step([x for x, _, _ in front], [y for _, y, _ in front], "--", where="post", color="grey", lw=1,
-                    label="Pareto front")
+            ax.step(
+                [x for x, _, _ in front],
+                [y for _, y, _ in front],
+                "--",
+                where="post",
+                color="grey",
+                lw=1,
+                label="Pareto front",
+            )
         for k, (x, y, label) in enumerate(front_labels):  # alternate sides so neighbours do not overlap
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 8 if k % 2 == 0 else -14), fontsize=8,
-                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8})
+            ax.annotate(
+                label,
+                (x, y),
+                textcoords="offset points",
+                xytext=(6, 8 if k % 2 == 0 else -14),
+                fontsize=8,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
+            )
         if not pts:
-            ax.text(0.5, 0.5, "no step exported" if key == "latency_ms" else "no sizes", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no step exported" if key == "latency_ms" else "no sizes",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         ax.grid(alpha=0.3)
-    xlabel = ("latency / the fp32 graph's (interleaved rounds: median, bars IQR; lower is better)"
-              if lat_key == "latency_ratio" else "ONNX Runtime latency (ms, lower is better)")
+    xlabel = (
+        "latency / the fp32 graph's (interleaved rounds: median, bars IQR; lower is better)"
+        if lat_key == "latency_ratio"
+        else "ONNX Runtime latency (ms, lower is better)"
+    )
     ax_lat.set(xlabel=xlabel, ylabel="cosine vs original (mean, higher is better)", title="fidelity vs latency")
     ax_size.set(xlabel="size on disk (MB, lower is better)", title="fidelity vs size")
     legend: dict[str, Any] = {}
@@ -268,8 +338,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
     if legend:
-        fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-                   frameon=False)
+        fig.legend(
+            list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False
+        )
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -24,7 +24,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from pydantic import ValidationError
@@ -42,7 +42,7 @@ from squeeze.compress.paths import check_output
 
 __all__ = ["Preview", "apply", "evaluate", "export", "load", "make_pass"]
 
-ModelLike = str | os.PathLike | Checkpoint
+ModelLike: TypeAlias = "str | os.PathLike[str] | Checkpoint"
 
 
 def load(ref: ModelLike, *, trust_pickle: bool = False) -> Checkpoint:
@@ -133,8 +133,14 @@ def apply(
     spec = data_spec(data)
     inputs = [load(m, trust_pickle=trust_pickle) for m in (model, *refs)]
     first = inputs[0]
-    ctx = PassContext(family=first.family, checkpoint=first, calibration=spec, seed=seed, progress=progress,
-                      workdir=Path(workdir) if workdir is not None else None)
+    ctx = PassContext(
+        family=first.family,
+        checkpoint=first,
+        calibration=spec,
+        seed=seed,
+        progress=progress,
+        workdir=Path(workdir) if workdir is not None else None,
+    )
     torch.manual_seed(seed)
     if dry_run:
         result = preview(pass_, inputs, ctx, wraps=_wraps)

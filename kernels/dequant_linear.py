@@ -33,14 +33,16 @@ def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torc
     return ((q - w_zero.float().unsqueeze(-1)) * w_scale.unsqueeze(-1)).view(out_f, in_f)
 
 
-def reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
+def reference(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return torch.nn.functional.linear(x, dequantize_weight(qweight, w_scale, w_zero), bias)
 
 
 @torch.library.custom_op("squeeze::dequant_linear", mutates_args=())
-def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+def dequant_linear(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return reference(x, qweight, w_scale, w_zero, bias)
 
 

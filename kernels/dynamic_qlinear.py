@@ -38,8 +38,13 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, zero
 
 
-def reference(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
-              bias: torch.Tensor | None) -> torch.Tensor:
+def reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """x (..., in) float; qweight (out, in) int8; w_scale, w_zero (out,) (None: symmetric, 0);
     bias (out,) or None."""
     return compute(x, centered_weight(qweight, w_zero), w_scale, bias)
@@ -50,7 +55,9 @@ def centered_weight(qweight: torch.Tensor, w_zero: torch.Tensor | None) -> torch
     return qweight.float() if w_zero is None else qweight.float() - w_zero.float()[:, None]
 
 
-def compute(x: torch.Tensor, w_centered: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def compute(
+    x: torch.Tensor, w_centered: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The arithmetic of :func:`reference` given the centered weight (modules cache it)."""
     q, scale, zero = dynamic_quantize_u8(x)
     acc = torch.nn.functional.linear(q - zero, w_centered)  # integer-valued
@@ -59,8 +66,13 @@ def compute(x: torch.Tensor, w_centered: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 @torch.library.custom_op("squeeze::dynamic_qlinear", mutates_args=())
-def dynamic_qlinear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
-                    bias: torch.Tensor | None) -> torch.Tensor:
+def dynamic_qlinear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     return reference(x, qweight, w_scale, w_zero, bias)
 
 

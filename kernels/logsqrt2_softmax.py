@@ -148,8 +148,9 @@ def function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Mul", ["pw", "S"], ["y"]),
         helper.make_node("Where", ["keep", "y", "zero"], ["Y"]),
     ]
-    return helper.make_function(DOMAIN, ONNX_OP, ["X", "S"], ["Y"], nodes,
-                                [helper.make_opsetid("", opset)], attributes=["bits"])
+    return helper.make_function(
+        DOMAIN, ONNX_OP, ["X", "S"], ["Y"], nodes, [helper.make_opsetid("", opset)], attributes=["bits"]
+    )
 
 
 def examples(gen: torch.Generator) -> list[tuple]:

@@ -59,8 +59,13 @@ def symbolic(g, x, scale, zero, bits):
 
 def examples(gen: torch.Generator) -> list[tuple]:
     out = []
-    for shape, bits, per_channel in (((2, 5, 16), 8, False), ((3, 7), 6, False), ((1, 4, 9, 9), 4, False),
-                                     ((2, 3, 8), 8, True), ((4, 6), 4, True)):
+    for shape, bits, per_channel in (
+        ((2, 5, 16), 8, False),
+        ((3, 7), 6, False),
+        ((1, 4, 9, 9), 4, False),
+        ((2, 3, 8), 8, True),
+        ((4, 6), 4, True),
+    ):
         x = torch.randn(shape, generator=gen) * 2
         c = (shape[-1],) if per_channel else ()  # BCT: per-channel (block-expanded) scales
         scale = torch.full(c, 4.0 / (2**bits - 1)) * (1 + torch.rand(c, generator=gen))

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import onnx
 import torch
@@ -133,8 +134,16 @@ def onnx_model_for(kernel: Kernel, args: tuple, opset: int = 18, plain: bool = F
     with warnings.catch_warnings(), torch.no_grad(), torchscript_symbolics(opset):
         warnings.simplefilter("ignore")
         # torch's stub types f as a path only; export writes to a file object as well
-        torch.onnx.export(module, (x,), buf, input_names=["x"], output_names=["y"], dynamic_axes=dyn,  # type: ignore[arg-type]
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            module,
+            (x,),
+            buf,  # type: ignore[arg-type]
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes=dyn,
+            opset_version=opset,
+            dynamo=False,
+        )
     model = finalize_onnx(onnx.load_from_string(buf.getvalue()), plain=plain)
     onnx.checker.check_model(model)
     return model

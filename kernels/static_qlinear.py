@@ -26,16 +26,32 @@ from squeeze.kernels.base import Kernel
 ONNX_OP = "QuantizeLinear+DequantizeLinear+MatMul"
 
 
-def reference(x: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_bits: int, qweight: torch.Tensor,
-              w_scale: torch.Tensor, w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def reference(
+    x: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zero: torch.Tensor,
+    a_bits: int,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """``w_zero`` None: a symmetric weight (zero point 0), exported without a zero-point input."""
     w_zero = torch.zeros(w_scale.shape, dtype=qweight.dtype) if w_zero is None else w_zero
     return dequant_linear.reference(quant_dequant.reference(x, a_scale, a_zero, a_bits), qweight, w_scale, w_zero, bias)
 
 
 @torch.library.custom_op("squeeze::static_qlinear", mutates_args=())
-def static_qlinear(x: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_bits: int, qweight: torch.Tensor,
-                   w_scale: torch.Tensor, w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def static_qlinear(
+    x: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zero: torch.Tensor,
+    a_bits: int,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     return reference(x, a_scale, a_zero, a_bits, qweight, w_scale, w_zero, bias)
 
 
@@ -66,8 +82,11 @@ def symbolic(g, x, a_scale, a_zero, a_bits, qweight, w_scale, w_zero, bias):
 
 def examples(gen: torch.Generator) -> list[tuple]:
     out = []
-    for lead, d_in, d_out, nb, bits, bias in (((2, 5), 16, 8, 1, 8, True), ((3,), 32, 24, 4, 6, False),
-                                              ((1, 7), 64, 48, 1, 4, True)):
+    for lead, d_in, d_out, nb, bits, bias in (
+        ((2, 5), 16, 8, 1, 8, True),
+        ((3,), 32, 24, 4, 6, False),
+        ((1, 7), 64, 48, 1, 4, True),
+    ):
         x = torch.randn(*lead, d_in, generator=gen)
         a_scale = torch.tensor(6.0 / (2**bits - 1))
         a_zero = torch.tensor(2 ** (bits - 1), dtype=torch.uint8)

@@ -16,5 +16,14 @@ from squeeze.compress.passes.merge.merge import (
     normalize,
 )
 
-__all__ = ["HEADLESS_NOTE", "LogitMerge", "MergeConfig", "MergePass", "MergeResult", "MergedModel", "MergedOutput",
-           "build_expert", "normalize"]
+__all__ = [
+    "HEADLESS_NOTE",
+    "LogitMerge",
+    "MergeConfig",
+    "MergePass",
+    "MergeResult",
+    "MergedModel",
+    "MergedOutput",
+    "build_expert",
+    "normalize",
+]

@@ -131,8 +131,9 @@ def check_models(models: list[nn.Module], names: list[str] | None = None) -> tup
 def _tokenizer_facts(tok) -> dict[str, Any]:
     from squeeze.compress.calibration import builtin_corpus
 
-    special: dict[str, Any] = {k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items())
-               if isinstance(v, str)}
+    special: dict[str, Any] = {
+        k: (v, tok.convert_tokens_to_ids(v)) for k, v in sorted(tok.special_tokens_map.items()) if isinstance(v, str)
+    }
     special["(all special tokens)"] = sorted(tok.all_special_tokens)
     sample = builtin_corpus()[:_SAMPLE_TEXTS]
     return {
@@ -182,7 +183,9 @@ def check_side_files(ckpts: list, names: list[str], warn: Callable[[str], None] 
         facts = _tokenizer_facts(toks[i])
         for key, value in ref.items():
             if facts[key] != value:
-                raise SqueezeError(f"cannot merge: the tokenizers of {names[0]} and {names[i]} differ: {key}{_diff_hint(value, facts[key])}")
+                raise SqueezeError(
+                    f"cannot merge: the tokenizers of {names[0]} and {names[i]} differ: {key}{_diff_hint(value, facts[key])}"
+                )
 
 
 def _diff_hint(a: Any, b: Any) -> str:
@@ -194,7 +197,6 @@ def _diff_hint(a: Any, b: Any) -> str:
     if isinstance(a, list) and isinstance(b, list):
         return f" (first sample: {a[0][:8]}... vs {b[0][:8]}...)" if a and b and a[0] != b[0] else ""
     return ""
-
 
 
 def check_compatible(ckpts: list, warn: Callable[[str], None] = log.warning) -> tuple[Family, str]:

@@ -191,8 +191,9 @@ class MergedModel(nn.Module):
             if caches is None:
                 out = self(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
             else:
-                out = self(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
-                           cache=caches, use_cache=True)
+                out = self(
+                    input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], cache=caches, use_cache=True
+                )
             caches = out.cache if use_cache else None
             nxt = out.logits[:, -1].argmax(-1)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
@@ -218,11 +219,23 @@ def _expert_record(model: nn.Module, ckpt) -> dict[str, Any]:
     """What ``restructure`` needs to rebuild one expert with no data."""
     if ckpt is not None:
         base = ckpt.manifest.base
-        return {"model_type": base.model_type, "architecture": base.architecture, "config": base.config,
-                "sha256": base.sha256, "source": base.source, "edits": list(ckpt.manifest.edits)}
+        return {
+            "model_type": base.model_type,
+            "architecture": base.architecture,
+            "config": base.config,
+            "sha256": base.sha256,
+            "source": base.source,
+            "edits": list(ckpt.manifest.edits),
+        }
     config: Any = model.config  # a transformers config
-    record = {"model_type": config.model_type, "architecture": type(model).__name__,
-              "config": config.to_dict(), "sha256": None, "source": None, "edits": []}
+    record = {
+        "model_type": config.model_type,
+        "architecture": type(model).__name__,
+        "config": config.to_dict(),
+        "sha256": None,
+        "source": None,
+        "edits": [],
+    }
     # Without its checkpoint we only know the config: make sure that is enough to rebuild it.
     rebuilt = build_expert(record)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -235,7 +248,9 @@ def _expert_record(model: nn.Module, ckpt) -> dict[str, Any]:
     return record
 
 
-def build_expert(record: dict[str, Any], replay: Callable[[nn.Module, dict, Family], nn.Module] | None = None) -> nn.Module:
+def build_expert(
+    record: dict[str, Any], replay: Callable[[nn.Module, dict, Family], nn.Module] | None = None
+) -> nn.Module:
     """An expert's architecture from its record: base config, then its own edits replayed (with
     ``replay``, ``passes.replay_edit``, which hands itself to the pass as ``Pass.replay``)."""
     from transformers import AutoConfig
@@ -248,7 +263,9 @@ def build_expert(record: dict[str, Any], replay: Callable[[nn.Module, dict, Fami
     model = build_from_config(family, config)
     edits = record.get("edits", [])
     if edits and replay is None:
-        raise SqueezeError("an expert with its own edits needs the manifest replay (load through squeeze.compress.load)")
+        raise SqueezeError(
+            "an expert with its own edits needs the manifest replay (load through squeeze.compress.load)"
+        )
     for raw in edits:
         assert replay is not None  # checked above
         model = replay(model, raw, family)
@@ -305,8 +322,10 @@ class MergeResult(PassResult):
     experts: list[dict[str, Any]] = Field(default_factory=list)
 
     def summary(self) -> list[str]:
-        return [f"merged {len(self.weights)} experts, weights {', '.join(f'{w:.4g}' for w in self.weights)}, "
-                f"averaging {self.output}"]
+        return [
+            f"merged {len(self.weights)} experts, weights {', '.join(f'{w:.4g}' for w in self.weights)}, "
+            f"averaging {self.output}"
+        ]
 
 
 class MergePass(Pass):
@@ -361,13 +380,15 @@ class MergePass(Pass):
         merged = MergedModel(experts, weights, output=kind).eval()
 
         ctx.result = MergeResult(weights=merged.merge_weights, output=kind, experts=records)
-        ctx.metrics.update({
-            "experts": len(models),
-            "weights": merged.merge_weights,
-            "averaged": kind,
-            "params_per_expert": [sum(p.numel() for p in m.parameters()) for m in models],
-            "embeddings_identical": embeddings_identical(models, family),
-        })
+        ctx.metrics.update(
+            {
+                "experts": len(models),
+                "weights": merged.merge_weights,
+                "averaged": kind,
+                "params_per_expert": [sum(p.numel() for p in m.parameters()) for m in models],
+                "embeddings_identical": embeddings_identical(models, family),
+            }
+        )
         if kind != "logits":
             ctx.metrics["note"] = HEADLESS_NOTE
             ctx.warn(HEADLESS_NOTE)

@@ -19,5 +19,16 @@ from squeeze.compress.passes.prune.prune import (
     top_k,
 )
 
-__all__ = ["POST_LN_KEEP_NORM", "Plan", "PruneConfig", "PrunePass", "PruneResult", "count_of", "layer_scores",
-           "rank_joint", "to_indices", "to_mask", "top_k"]
+__all__ = [
+    "POST_LN_KEEP_NORM",
+    "Plan",
+    "PruneConfig",
+    "PrunePass",
+    "PruneResult",
+    "count_of",
+    "layer_scores",
+    "rank_joint",
+    "to_indices",
+    "to_mask",
+    "top_k",
+]

@@ -67,8 +67,19 @@ from squeeze.compress.families import Family
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassResult
 from squeeze.compress.passes.prune.scores import layer_scores, rank_joint, top_k
 
-__all__ = ["POST_LN_KEEP_NORM", "Plan", "PruneConfig", "PrunePass", "PruneResult", "count_of", "layer_scores", "rank_joint",
-           "to_indices", "to_mask", "top_k"]
+__all__ = [
+    "POST_LN_KEEP_NORM",
+    "Plan",
+    "PruneConfig",
+    "PrunePass",
+    "PruneResult",
+    "count_of",
+    "layer_scores",
+    "rank_joint",
+    "to_indices",
+    "to_mask",
+    "top_k",
+]
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +138,10 @@ class PruneConfig(PassConfig):
         amounts = [k for k in AMOUNTS if getattr(self, k) is not None]
         lists = [k for k in LISTS if getattr(self, k) is not None]
         if len(amounts) + bool(lists) != 1:
-            raise ValueError("give exactly one of drop_attn, drop_mlp, drop_blocks, drop_joint, or explicit "
-                             f"layer lists (got {', '.join(amounts + lists) or 'none'})")
+            raise ValueError(
+                "give exactly one of drop_attn, drop_mlp, drop_blocks, drop_joint, or explicit "
+                f"layer lists (got {', '.join(amounts + lists) or 'none'})"
+            )
         if "block_layers" in lists and len(lists) > 1:
             raise ValueError("block_layers cannot be combined with attn_layers / mlp_layers")
         if self.iterative and (lists or self.consecutive):
@@ -158,11 +171,17 @@ class Plan:
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def result(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_layers": self.num_layers, "attention": self.attention, "mlp": self.mlp,
-                               "blocks": self.blocks, "keep_norm": self.keep_norm}
+        out: dict[str, Any] = {
+            "num_layers": self.num_layers,
+            "attention": self.attention,
+            "mlp": self.mlp,
+            "blocks": self.blocks,
+            "keep_norm": self.keep_norm,
+        }
         if self.scores is not None:  # None marks a sublayer an earlier step already dropped
-            out["scores"] = {k: [None if x == -math.inf else round(float(x), 6) for x in v]
-                             for k, v in self.scores.items()}
+            out["scores"] = {
+                k: [None if x == -math.inf else round(float(x), 6) for x in v] for k, v in self.scores.items()
+            }
         if self.rounds:
             out["rounds"] = self.rounds
         return out
@@ -220,8 +239,11 @@ class PruneResult(PassResult):
     rounds: list[dict[str, Any]] = Field(default_factory=list)
 
     def summary(self) -> list[str]:
-        parts = [f"{what} {', '.join(map(str, idx))}" for what, idx in
-                 (("attention", self.attention), ("MLP", self.mlp), ("blocks", self.blocks)) if idx]
+        parts = [
+            f"{what} {', '.join(map(str, idx))}"
+            for what, idx in (("attention", self.attention), ("MLP", self.mlp), ("blocks", self.blocks))
+            if idx
+        ]
         return [f"dropped {'; '.join(parts) if parts else 'nothing'} of {self.num_layers} layers"]
 
 
@@ -248,13 +270,16 @@ class PrunePass(Pass):
             kind = "decoder" if family.causal else "encoder"
             raise SqueezeError(
                 f"keep_norm is an option of post-LN encoders (bert) only; {family.name} is a pre-norm {kind}, "
-                "where a dropped sublayer always takes its norm with it")
+                "where a dropped sublayer always takes its norm with it"
+            )
         if not models:
             return
         if cfg.mode == "block" or cfg.block_layers is not None:
             if family.name == "gpt2" and getattr(models[0].config, "scale_attn_by_inverse_layer_idx", False):
-                raise SqueezeError("gpt2 with scale_attn_by_inverse_layer_idx scales attention by layer index: "
-                                   "removing blocks would change the kept layers; drop attention or MLP sublayers instead")
+                raise SqueezeError(
+                    "gpt2 with scale_attn_by_inverse_layer_idx scales attention by layer index: "
+                    "removing blocks would change the kept layers; drop attention or MLP sublayers instead"
+                )
         self._counts(family, models[0])
 
     def _counts(self, family: Family, model: nn.Module) -> dict[str, Any]:
@@ -266,22 +291,29 @@ class PrunePass(Pass):
         cfg = self.config
         layers = family.layers(model)
         n = len(layers)
-        gone = {w: {i for i, l in enumerate(layers) if family.is_skipped(l, w)} for w in ("attn", "mlp")}
+        gone = {w: {i for i, layer in enumerate(layers) if family.is_skipped(layer, w)} for w in ("attn", "mlp")}
         if cfg.mode == "explicit":
             att = to_indices(cfg.attn_layers, n, "attn_layers")
             mlp = to_indices(cfg.mlp_layers, n, "mlp_layers")
             blocks = to_indices(cfg.block_layers, n, "block_layers")
             self._refuse_empty(family, n, len(gone["attn"] | set(att)), len(blocks))
             return {"attention": att, "mlp": mlp, "blocks": blocks}
-        what = {"attn": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks", "joint": "sublayers"}[cfg.mode]
+        what = {"attn": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks", "joint": "sublayers"}[
+            cfg.mode
+        ]
         total = 2 * n if cfg.mode == "joint" else n
         k = count_of(getattr(cfg, AMOUNTS[("attn", "mlp", "block", "joint").index(cfg.mode)]), total, what)
-        left = {"attn": n - len(gone["attn"]), "mlp": n - len(gone["mlp"]), "block": n,
-                "joint": 2 * n - len(gone["attn"]) - len(gone["mlp"])}[cfg.mode]
+        left = {
+            "attn": n - len(gone["attn"]),
+            "mlp": n - len(gone["mlp"]),
+            "block": n,
+            "joint": 2 * n - len(gone["attn"]) - len(gone["mlp"]),
+        }[cfg.mode]
         if k > left:
             raise SqueezeError(f"cannot drop {k} {what}: only {left} remain (an earlier step dropped the others)")
-        self._refuse_empty(family, n, len(gone["attn"]) + (k if cfg.mode == "attn" else 0),
-                           k if cfg.mode == "block" else 0)
+        self._refuse_empty(
+            family, n, len(gone["attn"]) + (k if cfg.mode == "attn" else 0), k if cfg.mode == "block" else 0
+        )
         return {"k": k, "gone_attn": gone["attn"]}
 
     @staticmethod
@@ -290,8 +322,10 @@ class PrunePass(Pass):
         if n_blocks >= n:
             raise SqueezeError(f"cannot drop all {n} blocks: at least one must remain")
         if family.causal and n_attn >= n:
-            raise SqueezeError(f"cannot drop all {n} attention layers of a decoder: nothing would mix tokens, "
-                               "and the KV cache would have no slot")
+            raise SqueezeError(
+                f"cannot drop all {n} attention layers of a decoder: nothing would mix tokens, "
+                "and the KV cache would have no slot"
+            )
 
     # ---------------- planning ----------------
 
@@ -334,8 +368,9 @@ class PrunePass(Pass):
         layers = family.layers(work)
         for r in range(k):
             if r > 0:
-                scores = layer_scores(work, family, ctx.calib_batches(), progress=ctx.step,
-                                      label=f"re-scoring (round {r + 1}/{k})")
+                scores = layer_scores(
+                    work, family, ctx.calib_batches(), progress=ctx.step, label=f"re-scoring (round {r + 1}/{k})"
+                )
             if mode == "joint":
                 att, mlp = rank_joint(scores["attn"], scores["mlp"], 1)
                 kind, idx = ("attn", att[0]) if att else ("mlp", mlp[0])
@@ -384,8 +419,13 @@ class PrunePass(Pass):
         self.apply_plan(model, plan, ctx.family)
         result = PruneResult(**plan.result())
         ctx.result = result
-        ctx.metrics.update({"dropped": {"attention": plan.attention, "mlp": plan.mlp, "blocks": plan.blocks},
-                            "scores": result.scores, "keep_norm": plan.keep_norm})
+        ctx.metrics.update(
+            {
+                "dropped": {"attention": plan.attention, "mlp": plan.mlp, "blocks": plan.blocks},
+                "scores": result.scores,
+                "keep_norm": plan.keep_norm,
+            }
+        )
         if plan.rounds:
             ctx.metrics["rounds"] = plan.rounds
         if plan.scores is not None and not (plan.attention or plan.mlp or plan.blocks):
@@ -397,7 +437,11 @@ class PrunePass(Pass):
         n = family.num_layers(model)
         if res.num_layers is not None and res.num_layers != n:
             raise SqueezeError(f"prune edit was made on {res.num_layers} layers, the model has {n}")
-        plan = Plan(num_layers=n, attention=to_indices(res.attention, n, "attention"),
-                    mlp=to_indices(res.mlp, n, "mlp"), blocks=to_indices(res.blocks, n, "blocks"),
-                    keep_norm=res.keep_norm)
+        plan = Plan(
+            num_layers=n,
+            attention=to_indices(res.attention, n, "attention"),
+            mlp=to_indices(res.mlp, n, "mlp"),
+            blocks=to_indices(res.blocks, n, "blocks"),
+            keep_norm=res.keep_norm,
+        )
         return self.apply_plan(model, plan, family)

@@ -31,8 +31,15 @@ def _cos_sum(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> tup
 
 
 @torch.no_grad()
-def layer_scores(model: nn.Module, family: Family, batches: list[Batch], *, span: int = 0,
-                 progress: ProgressFn | None = None, label: str = "scoring layers") -> dict[str, list[float]]:
+def layer_scores(
+    model: nn.Module,
+    family: Family,
+    batches: list[Batch],
+    *,
+    span: int = 0,
+    progress: ProgressFn | None = None,
+    label: str = "scoring layers",
+) -> dict[str, list[float]]:
     """Per-layer similarity scores of ``model`` on ``batches``.
 
     Returns ``attn``, ``mlp`` and ``block`` (length L); with ``span = n > 0`` also ``span``:
@@ -52,7 +59,7 @@ def layer_scores(model: nn.Module, family: Family, batches: list[Batch], *, span
             history.append(list(hs))
         sums = {"attn": [0.0, 0], "mlp": [0.0, 0], "block": [0.0, 0], "span": [0.0, 0]}
         mid: list[torch.Tensor] = []
-        handle = family.residual_tap(layer).register_forward_pre_hook(lambda m, a: mid.append(a[0]))
+        handle = family.residual_tap(layer).register_forward_pre_hook(lambda m, a, mid=mid: mid.append(a[0]))
         try:
             ys = walk.run()
         finally:
@@ -81,8 +88,9 @@ def layer_scores(model: nn.Module, family: Family, batches: list[Batch], *, span
 
 def top_k(scores: list[float], k: int, exclude: Set[int] = frozenset()) -> list[int]:
     """Indices of the k highest scores (ties: lower index first), skipping ``exclude``."""
-    order = sorted((i for i in range(len(scores)) if i not in exclude and scores[i] != -math.inf),
-                   key=lambda i: (-scores[i], i))
+    order = sorted(
+        (i for i in range(len(scores)) if i not in exclude and scores[i] != -math.inf), key=lambda i: (-scores[i], i)
+    )
     return sorted(order[:k])
 
 

@@ -79,9 +79,16 @@ class AttnQuant(nn.Module):
         return f"bits={self.bits}, softmax={self.softmax}"
 
 
-def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with quantized operands. q, k, v: (B, H, T, D) (k, v may have fewer heads)."""
     st: AttnQuant | None = getattr(module, CHILD, None)
     if key.shape[1] != query.shape[1]:  # grouped-query attention: share each k/v head

@@ -30,8 +30,17 @@ def _fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int
     return (q - z) * s
 
 
-def learn_bounds(x: torch.Tensor, weights: list[torch.Tensor], bits: int, *, steps: int = 100, lr: float = 5e-3,
-                 symmetric: bool = False, max_tokens: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def learn_bounds(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bits: int,
+    *,
+    steps: int = 100,
+    lr: float = 5e-3,
+    symmetric: bool = False,
+    max_tokens: int = 1024,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel clipping bounds (l, u) of activations ``x`` (N, C) feeding ``weights``.
 
     Args:
@@ -68,7 +77,7 @@ def learn_bounds(x: torch.Tensor, weights: list[torch.Tensor], bits: int, *, ste
         if symmetric:
             hi = torch.maximum(-lo, hi)
             lo = -hi
-        loss = ((_fake_quant(x, lo, hi, levels) @ w.t() - target).pow(2).mean() / norm)
+        loss = (_fake_quant(x, lo, hi, levels) @ w.t() - target).pow(2).mean() / norm
         value = loss.item()
         if value < best[0]:
             best = (value, lo.detach().clone(), hi.detach().clone())

@@ -163,8 +163,9 @@ def _decide(group: G.Group, cap: Captured, scheme: Scheme, family: Family) -> G.
     return dec
 
 
-def _apply_group(layer: nn.Module, group: G.Group, dec: G.Decision, cap: Captured, scheme: Scheme,
-                 family: Family) -> dict[str, Any]:
+def _apply_group(
+    layer: nn.Module, group: G.Group, dec: G.Decision, cap: Captured, scheme: Scheme, family: Family
+) -> dict[str, Any]:
     """Fold the transform, round the weights, swap in QuantLinears; return their manifest spec."""
     x = cap.real
     affine = None
@@ -195,11 +196,18 @@ def _apply_group(layer: nn.Module, group: G.Group, dec: G.Decision, cap: Capture
             w, b = reparam.fold_into_consumer(w, b, dec.r, dec.delta)
         w_blocks = n_blocks(w.shape[1], scheme.block_size) if scheme.method == "bct" else 1
         codes, scale, zero = G.round_weight(w, xt_fit, scheme.w_bits, w_blocks, scheme.method, scheme.gptq)
-        spec = {"in": int(w.shape[1]), "out": int(w.shape[0]), "bias": b is not None, "w_bits": scheme.w_bits,
-                "w_blocks": w_blocks, "act": scheme.act, "a_bits": scheme.a_bits,
-                "a_blocks": n_blocks(w.shape[1], scheme.block_size) if scheme.act == "block" else 1,
-                "affine": group.name if affine is not None else None,
-                "affine_shift": affine is not None and affine.shift is not None}
+        spec = {
+            "in": int(w.shape[1]),
+            "out": int(w.shape[0]),
+            "bias": b is not None,
+            "w_bits": scheme.w_bits,
+            "w_blocks": w_blocks,
+            "act": scheme.act,
+            "a_bits": scheme.a_bits,
+            "a_blocks": n_blocks(w.shape[1], scheme.block_size) if scheme.act == "block" else 1,
+            "affine": group.name if affine is not None else None,
+            "affine_shift": affine is not None and affine.shift is not None,
+        }
         q = build_linear(spec, affine)
         q.set_weight(codes, scale, zero, b)
         if scheme.act in ("static", "block"):
@@ -210,12 +218,26 @@ def _apply_group(layer: nn.Module, group: G.Group, dec: G.Decision, cap: Capture
 
 
 def build_linear(spec: dict[str, Any], affine: ChannelAffine | None) -> QuantLinear:
-    return QuantLinear(spec["in"], spec["out"], bias=spec["bias"], w_bits=spec["w_bits"], w_blocks=spec["w_blocks"],
-                       act=spec["act"], a_bits=spec["a_bits"], a_blocks=spec["a_blocks"], affine=affine)
+    return QuantLinear(
+        spec["in"],
+        spec["out"],
+        bias=spec["bias"],
+        w_bits=spec["w_bits"],
+        w_blocks=spec["w_blocks"],
+        act=spec["act"],
+        a_bits=spec["a_bits"],
+        a_blocks=spec["a_blocks"],
+        affine=affine,
+    )
 
 
-def quantize_model(model: nn.Module, family: Family, batches: list[Batch], scheme: Scheme,
-                   step: Callable[[str, int, int], None] = lambda *a: None) -> tuple[dict[str, Any], dict[str, Any]]:
+def quantize_model(
+    model: nn.Module,
+    family: Family,
+    batches: list[Batch],
+    scheme: Scheme,
+    step: Callable[[str, int, int], None] = lambda *a: None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize ``model`` in place. Returns (manifest result, ledger metrics)."""
     layers = family.layers(model)
     attn_layers: list[int] = []
@@ -270,8 +292,13 @@ def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dic
         s, z = params_from_range(lo, hi, grid)
         rep = w.shape[1] // blocks
         codes = quantize(w, s.repeat_interleave(rep), z.repeat_interleave(rep), grid)
-        spec = {"num": int(w.shape[0]), "dim": int(w.shape[1]), "blocks": blocks, "padding_idx": emb.padding_idx,
-                "bits": bits}
+        spec = {
+            "num": int(w.shape[0]),
+            "dim": int(w.shape[1]),
+            "blocks": blocks,
+            "padding_idx": emb.padding_idx,
+            "bits": bits,
+        }
         q = build_embedding(spec)
         with torch.no_grad():
             q.qweight.copy_(codes.to(q.qweight.dtype))
@@ -283,8 +310,9 @@ def quantize_embeddings(model: nn.Module, family: Family, scheme: Scheme) -> dic
 
 
 def build_embedding(spec: dict[str, Any]) -> QuantEmbedding:
-    return QuantEmbedding(spec["num"], spec["dim"], blocks=spec["blocks"], padding_idx=spec["padding_idx"],
-                          bits=spec.get("bits", 8))
+    return QuantEmbedding(
+        spec["num"], spec["dim"], blocks=spec["blocks"], padding_idx=spec["padding_idx"], bits=spec.get("bits", 8)
+    )
 
 
 # --------------------------------------------------------------------------------------------

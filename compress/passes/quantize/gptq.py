@@ -22,8 +22,15 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return x.t() @ x / max(1, x.shape[0])
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid,
-         damp: float = 0.01, block: int = 128) -> torch.Tensor:
+def gptq(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: Grid,
+    damp: float = 0.01,
+    block: int = 128,
+) -> torch.Tensor:
     """Integer codes (float tensor, (out, in)) of ``w`` chosen by GPTQ.
 
     Args:
@@ -31,7 +38,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
         h: (in, in) Hessian proxy of the inputs.
         scale, zero: (out, blocks) grid parameters (fixed; they are not re-fit per group).
     """
-    out_f, in_f = w.shape
+    _, in_f = w.shape
     s, z = expand_blocks(scale, in_f), expand_blocks(zero, in_f)  # (out, in)
     w = w.detach().clone().float()
     h = h.clone().double()

@@ -61,11 +61,15 @@ def sample_rows(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 
 def consumer_weights(group: Group, linear_weight) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(out, in) weight and bias of each linear of the group, as float tensors."""
-    return [(linear_weight(m).detach().float(), None if m.bias is None else cast(torch.Tensor, m.bias).detach().float()) for m in group.modules]
+    return [
+        (linear_weight(m).detach().float(), None if m.bias is None else cast(torch.Tensor, m.bias).detach().float())
+        for m in group.modules
+    ]
 
 
-def round_weight(w: torch.Tensor, x: torch.Tensor | None, bits: int, blocks: int, method: str,
-                 use_gptq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def round_weight(
+    w: torch.Tensor, x: torch.Tensor | None, bits: int, blocks: int, method: str, use_gptq: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, scale, zero) of an (out, in) weight; GPTQ when ``use_gptq`` and inputs are given."""
     grid = weight_grid(bits)
     scale, zero = uniform.weight_params(w, grid, "minmax" if method in ("minmax", "bct") else "percentile", blocks)
@@ -76,8 +80,13 @@ def round_weight(w: torch.Tensor, x: torch.Tensor | None, bits: int, blocks: int
     return codes, scale, zero
 
 
-def smoothing_search(batches: list[torch.Tensor], weights: list[tuple[torch.Tensor, torch.Tensor | None]],
-                     w_bits: int, alphas: tuple[float, ...], max_rows: int) -> tuple[torch.Tensor, float, dict]:
+def smoothing_search(
+    batches: list[torch.Tensor],
+    weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+    w_bits: int,
+    alphas: tuple[float, ...],
+    max_rows: int,
+) -> tuple[torch.Tensor, float, dict]:
     """Pick the SmoothQuant strength alpha with the lowest output error under ONNX Runtime's
     dynamic quantization (per-tensor uint8 input, per-channel int weights, round to nearest).
 
@@ -122,10 +131,18 @@ def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
     return (q - z) * s
 
 
-def repquant_reparam(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor | None]], a_bits: int,
-                     clip_steps: int, symmetric: bool, seed: int) -> tuple[reparam.Reparam, dict]:
+def repquant_reparam(
+    x: torch.Tensor,
+    weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+    a_bits: int,
+    clip_steps: int,
+    symmetric: bool,
+    seed: int,
+) -> tuple[reparam.Reparam, dict]:
     """Learned per-channel dual clipping, then the reparameterization with z~ rounded."""
-    lo, hi = dual_clip.learn_bounds(x, [w for w, _ in weights], a_bits, steps=clip_steps, symmetric=symmetric, seed=seed)
+    lo, hi = dual_clip.learn_bounds(
+        x, [w for w, _ in weights], a_bits, steps=clip_steps, symmetric=symmetric, seed=seed
+    )
     rp = reparam.from_channel_ranges(lo, hi, Grid(a_bits, symmetric=False), symmetric=symmetric)
     return rp, {"r_min": float(rp.r.min()), "r_max": float(rp.r.max()), "zero": int(rp.zero)}
 

@@ -71,8 +71,19 @@ class QuantLinear(nn.Module):
     a_scale: torch.Tensor
     a_zero: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, w_bits: int = 8, w_blocks: int = 1,
-                 act: ActMode = "dynamic", a_bits: int = 8, a_blocks: int = 1, affine: ChannelAffine | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        w_bits: int = 8,
+        w_blocks: int = 1,
+        act: ActMode = "dynamic",
+        a_bits: int = 8,
+        a_blocks: int = 1,
+        affine: ChannelAffine | None = None,
+    ):
         super().__init__()
         if in_features % w_blocks or in_features % a_blocks:
             raise ValueError(f"{in_features} input features do not split into {w_blocks} / {a_blocks} blocks")
@@ -96,7 +107,9 @@ class QuantLinear(nn.Module):
         """The dequantized (out, in) weight, for code that reads ``.weight`` (dtype, shape)."""
         return dequantize_weight(self.qweight, self.w_scale, self.w_zero)
 
-    def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def set_weight(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
         with torch.no_grad():
             self.qweight.copy_(codes.to(self.qweight.dtype))
             self.w_scale.copy_(scale)
@@ -145,15 +158,18 @@ class QuantLinear(nn.Module):
         if self.act == "dynamic":
             return ops.dynamic_qlinear(x, self.qweight, self.w_scale.view(-1), self._zero_arg(), self.bias)
         if self.act == "static":
-            return ops.static_qlinear(x, self.a_scale, self.a_zero, self.a_bits, self.qweight, self.w_scale,
-                                      self._zero_arg(), self.bias)
+            return ops.static_qlinear(
+                x, self.a_scale, self.a_zero, self.a_bits, self.qweight, self.w_scale, self._zero_arg(), self.bias
+            )
         if self.act == "block":
             x = ops.quant_dequant(x, self.a_scale, self.a_zero, self.a_bits)
         return ops.dequant_linear(x, self.qweight, self.w_scale, self.w_zero, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, w{self.w_bits}x{self.w_blocks}, "
-                f"act={self.act}{'' if self.act in ('dynamic', 'none') else self.a_bits}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, w{self.w_bits}x{self.w_blocks}, "
+            f"act={self.act}{'' if self.act in ('dynamic', 'none') else self.a_bits}"
+        )
 
 
 class QuantEmbedding(nn.Module):
@@ -163,10 +179,16 @@ class QuantEmbedding(nn.Module):
     scale: torch.Tensor  # buffers (register_buffer)
     zero: torch.Tensor
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, blocks: int = 1, padding_idx: int | None = None,
-                 bits: int = 8):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, blocks: int = 1, padding_idx: int | None = None, bits: int = 8
+    ):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.blocks, self.padding_idx = num_embeddings, embedding_dim, blocks, padding_idx
+        self.num_embeddings, self.embedding_dim, self.blocks, self.padding_idx = (
+            num_embeddings,
+            embedding_dim,
+            blocks,
+            padding_idx,
+        )
         self.bits = bits
         dt = torch.uint8 if bits <= 8 else torch.int32
         self.qweight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=dt), requires_grad=False)

@@ -23,8 +23,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-INTEGER_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger",
-                   "QGemm", "QAttention", "MatMulNBits")
+INTEGER_KERNELS = (
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "QGemm",
+    "QAttention",
+    "MatMulNBits",
+)
 # min cosine(ORT, twin) per bit width. Measured on MiniLM int8 (export's validation shapes and
 # padded eval batches): 0.9952-1.0; a cascade is as large as the quantization error itself
 # (ORT then runs an equally valid neighbour of the twin), so the bound sits below it. A wrong
@@ -47,8 +54,11 @@ def integer_kernels(path: str | Path) -> dict[str, Any]:
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         counts = collections.Counter(n.op_type for n in onnx.load(str(opt), load_external_data=False).graph.node)
     integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
-    return {"integer_kernels": integer, "float_matmuls": counts.get("MatMul", 0) + counts.get("FusedMatMul", 0),
-            "op_counts": dict(sorted(counts.items()))}
+    return {
+        "integer_kernels": integer,
+        "float_matmuls": counts.get("MatMul", 0) + counts.get("FusedMatMul", 0),
+        "op_counts": dict(sorted(counts.items())),
+    }
 
 
 def validation_rule(manifest) -> dict[str, float] | None:

@@ -53,7 +53,9 @@ def _bits(value: str, what: str, allowed: tuple[str, ...]) -> str:
     m = _BITS.match(str(value))
     if not m or not 2 <= int(m.group(1)) <= 16:
         extra = "|".join(allowed)
-        raise ValueError(f"{what}: expected int2..int16 (int8, int6, int4){' or ' + extra if extra else ''}, got {value!r}")
+        raise ValueError(
+            f"{what}: expected int2..int16 (int8, int6, int4){' or ' + extra if extra else ''}, got {value!r}"
+        )
     return value
 
 
@@ -94,7 +96,9 @@ class QuantizeConfig(PassConfig):
         if self.activations == "dynamic" and self.w_bits > 8:
             raise ValueError("dynamic activations run ORT's int8 kernels: weights must be int8 or fewer bits")
         if self.activations == "dynamic" and self.method == "bct":
-            raise ValueError("bct scales weights per block, which MatMulInteger cannot consume: use --activations int8 or none")
+            raise ValueError(
+                "bct scales weights per block, which MatMulInteger cannot consume: use --activations int8 or none"
+            )
         return self
 
     @property
@@ -121,16 +125,28 @@ def family_notes(family: Family, cfg: QuantizeConfig, model: nn.Module) -> tuple
     warn: list[str] = []
     notes: list[str] = []
     if family.norm_kind == "rmsnorm" and cfg.method == "repquant" and cfg.static:
-        warn.append("rmsnorm has no bias to absorb the reparameterization's zero-point shift: the per-channel "
-                    "clipping bounds of the norm-fed inputs are symmetric (scale-only reparameterization)")
-    if family.num_kv_heads(model.config) != family.num_heads(model.config) and cfg.method == "repquant" and cfg.activations == "dynamic":
-        warn.append("grouped-query attention shares v between heads: the attention-output smoothing cannot fold into v "
-                    "and stays an explicit per-channel Mul")
+        warn.append(
+            "rmsnorm has no bias to absorb the reparameterization's zero-point shift: the per-channel "
+            "clipping bounds of the norm-fed inputs are symmetric (scale-only reparameterization)"
+        )
+    if (
+        family.num_kv_heads(model.config) != family.num_heads(model.config)
+        and cfg.method == "repquant"
+        and cfg.activations == "dynamic"
+    ):
+        warn.append(
+            "grouped-query attention shares v between heads: the attention-output smoothing cannot fold into v "
+            "and stays an explicit per-channel Mul"
+        )
     if family.conv1d:
-        notes.append("Conv1D weights are quantized in (out, in) layout; the fused qkv is one linear with one input quantizer")
+        notes.append(
+            "Conv1D weights are quantized in (out, in) layout; the fused qkv is one linear with one input quantizer"
+        )
     if family.norm_placement == "post" and cfg.method == "repquant" and cfg.activations != "none":
-        notes.append("post-LN: the norm output also feeds the residual, so the reparameterization of the q/k/v and MLP "
-                     "inputs is an explicit per-channel affine before the quantizer, not folded into the LayerNorm")
+        notes.append(
+            "post-LN: the norm output also feeds the residual, so the reparameterization of the q/k/v and MLP "
+            "inputs is an explicit per-channel affine before the quantizer, not folded into the LayerNorm"
+        )
     if family.head_module(model) is not None:
         notes.append("the head (classifier / LM head) stays float")
     if family.modality == "vision":
@@ -168,6 +184,7 @@ class QuantizePass(Pass):
         act = cfg.act_mode + (f" int{cfg.a_bits}" if cfg.static else "")
         ran = names.algorithm(cfg.method, cfg.act_mode, cfg.gptq and cfg.method == "repquant")
         return [f"weights int{cfg.w_bits} ({gptq}), activations {act}, method {cfg.method} ({ran}): {res.summary()[0]}"]
+
     needs_calibration: ClassVar[bool] = True
 
     def check(self, family: Family, models: list[nn.Module] | None = None) -> None:
@@ -176,16 +193,22 @@ class QuantizePass(Pass):
         if family.name not in SUPPORTED:
             raise SqueezeError(f"quantize supports the {', '.join(SUPPORTED)} families, not {family.name!r}")
         if self.config.static and not family.attention_interface:
-            raise SqueezeError(f"static activations quantize attention through transformers' AttentionInterface, which "
-                               f"{family.name} does not use: choose --activations dynamic or none")
+            raise SqueezeError(
+                f"static activations quantize attention through transformers' AttentionInterface, which "
+                f"{family.name} does not use: choose --activations dynamic or none"
+            )
         for model in models or []:
             if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
                 raise SqueezeError("this checkpoint is already quantized; quantize the float checkpoint instead")
-            for layer in family.layers(model):  # another pass's modules (factorize's DSLinear) have no weight to quantize
+            for layer in family.layers(
+                model
+            ):  # another pass's modules (factorize's DSLinear) have no weight to quantize
                 odd = next((role for role, m in family.linears(layer).items() if not family.is_linear(m)), None)
                 if odd is not None:
-                    raise SqueezeError(f"the {odd} linears of this checkpoint were replaced by another pass "
-                                       f"({type(family.linears(layer)[odd]).__name__}); quantize the float checkpoint")
+                    raise SqueezeError(
+                        f"the {odd} linears of this checkpoint were replaced by another pass "
+                        f"({type(family.linears(layer)[odd]).__name__}); quantize the float checkpoint"
+                    )
 
     def check_data(self, ctx: PassContext) -> None:
         """Static activation ranges need real calibration data."""
@@ -195,10 +218,14 @@ class QuantizePass(Pass):
         source = ctx.calibration.source if ctx.calibration is not None else "builtin"
         fam = ctx.family
         if source == "synthetic":
-            raise SqueezeError("static activation quantization needs real calibration data (--data FILE), not synthetic")
+            raise SqueezeError(
+                "static activation quantization needs real calibration data (--data FILE), not synthetic"
+            )
         if fam.modality == "vision" and source == "builtin":
-            raise SqueezeError("static activation quantization of an image model needs calibration images "
-                               "(--data an .npz or an image folder)")
+            raise SqueezeError(
+                "static activation quantization of an image model needs calibration images "
+                "(--data an .npz or an image folder)"
+            )
         if fam.modality == "text" and ctx.checkpoint is not None and ctx.checkpoint.tokenizer() is None:
             raise SqueezeError("static activation quantization needs real text, but this checkpoint has no tokenizer")
 
@@ -209,9 +236,19 @@ class QuantizePass(Pass):
         softmax = cfg.softmax
         if softmax == "auto":
             softmax = "logsqrt2" if cfg.method == "repquant" and cfg.a_bits <= 8 else "uniform"
-        return Scheme(w_bits=cfg.w_bits, act=cfg.act_mode, a_bits=cfg.a_bits, method=cfg.method,
-                      gptq=cfg.gptq and cfg.method == "repquant", block_size=cfg.block_size, embeddings=cfg.embeddings,
-                      clip_steps=cfg.clip_steps, alphas=cfg.alphas, softmax=softmax, seed=seed)
+        return Scheme(
+            w_bits=cfg.w_bits,
+            act=cfg.act_mode,
+            a_bits=cfg.a_bits,
+            method=cfg.method,
+            gptq=cfg.gptq and cfg.method == "repquant",
+            block_size=cfg.block_size,
+            embeddings=cfg.embeddings,
+            clip_steps=cfg.clip_steps,
+            alphas=cfg.alphas,
+            softmax=softmax,
+            seed=seed,
+        )
 
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
         from squeeze.compress.passes.quantize.engine import quantize_model
@@ -227,17 +264,25 @@ class QuantizePass(Pass):
             result, metrics = quantize_model(model, ctx.family, batches, scheme, step=ctx.step)
         n_lin = sum(len(v) for v in result["linears"].values())
         ctx.result = QuantizeResult(**result)
-        ctx.metrics.update({
-            "scheme": {"weights": scheme.w_bits, "activations": scheme.act, "activation_bits": scheme.a_bits,
-                       "method": scheme.method, "gptq": scheme.gptq, "softmax": scheme.softmax if self.config.static else None,
-                       # what ran (issue 17): --method repquant with dynamic activations is smoothquant+gptq
-                       "algorithm": names.algorithm(scheme.method, scheme.act, scheme.gptq),
-                       "extensions": names.extensions(scheme.method, scheme.act)},
-            "quantized_linears": n_lin,
-            "quantized_embeddings": len(result["embeddings"]),
-            "notes": notes,
-            **metrics,
-        })
+        ctx.metrics.update(
+            {
+                "scheme": {
+                    "weights": scheme.w_bits,
+                    "activations": scheme.act,
+                    "activation_bits": scheme.a_bits,
+                    "method": scheme.method,
+                    "gptq": scheme.gptq,
+                    "softmax": scheme.softmax if self.config.static else None,
+                    # what ran (issue 17): --method repquant with dynamic activations is smoothquant+gptq
+                    "algorithm": names.algorithm(scheme.method, scheme.act, scheme.gptq),
+                    "extensions": names.extensions(scheme.method, scheme.act),
+                },
+                "quantized_linears": n_lin,
+                "quantized_embeddings": len(result["embeddings"]),
+                "notes": notes,
+                **metrics,
+            }
+        )
         return model
 
     def export_rule(self, edit: Edit) -> ExportRule:

@@ -87,8 +87,9 @@ def minmax_range(x: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tens
     return x.amin(), x.amax()
 
 
-def search_range(x: torch.Tensor, grid: Grid, per_channel: bool = False,
-                 percentiles: tuple[float, ...] = PERCENTILES) -> tuple[torch.Tensor, torch.Tensor]:
+def search_range(
+    x: torch.Tensor, grid: Grid, per_channel: bool = False, percentiles: tuple[float, ...] = PERCENTILES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RepQ-ViT's range search: min/max and each percentile pair, lowest MSE wins.
 
     Args:
@@ -122,7 +123,9 @@ def weight_params(w: torch.Tensor, grid: Grid, method: str, blocks: int = 1) -> 
     """
     out_f, in_f = w.shape
     rows = w.detach().float().reshape(out_f * blocks, in_f // blocks)
-    lo, hi = search_range(rows, grid, per_channel=True) if method in ("percentile", "repquant") else minmax_range(rows, True)
+    lo, hi = (
+        search_range(rows, grid, per_channel=True) if method in ("percentile", "repquant") else minmax_range(rows, True)
+    )
     s, z = params_from_range(lo, hi, grid)
     return s.view(out_f, blocks), z.view(out_f, blocks)
 
