@@ -49,7 +49,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -177,7 +177,7 @@ def job_model() -> type[JobBase]:
             step.pass_name = name
             members.append(Annotated[step, Tag(name)])
         union = Annotated[  # type: ignore[valid-type]
-            tuple(members),
+            Union[tuple(members)],  # noqa: UP007  (a runtime-built union: `|` cannot take a tuple)
             Discriminator(
                 _step_tag,
                 custom_error_type="step_shape",
