@@ -11,7 +11,7 @@ One graph serves prefill and decode, as Optimum's ``model.onnx`` does::
 
 The first step feeds zero-length past tensors. ``i`` counts cache slots, not layers: a layer
 whose attention was dropped by the prune pass has no slot (the pass renumbers the kept layers'
-caches densely, see ``Family.compact_kv_cache``), so its tensors are neither fed nor returned. A
+caches densely, see ``passes/prune/kv_cache.py``), so its tensors are neither fed nor returned. A
 merged model carries one cache per expert, numbered expert after expert.
 
 Validation is what deployment does: a greedy loop in ONNX Runtime (positions from the attention

@@ -41,7 +41,7 @@
 * **Whole blocks** are removed with ``family.remove_layers``: the result is plain Hugging Face
   (``config.json`` has the new ``num_hidden_layers``) and loads with transformers alone.
 * **Decoders.** Kept attention layers get dense KV-cache slots, and every cache the model uses
-  holds exactly those slots (``family.compact_kv_cache``), so ``generate(use_cache=True)``
+  holds exactly those slots (``kv_cache.compact_kv_cache``), so ``generate(use_cache=True)``
   gives the tokens of ``use_cache=False``. Dropping every attention layer of a decoder is
   refused (nothing would mix tokens, and the cache would have no slot to count positions).
 
@@ -65,6 +65,7 @@ from torch import nn
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 from squeeze.compress.passes.base import Edit, Pass, PassConfig, PassContext, PassResult
+from squeeze.compress.passes.prune.kv_cache import compact_kv_cache
 from squeeze.compress.passes.prune.scores import layer_scores, rank_joint, top_k
 
 __all__ = [
@@ -275,9 +276,9 @@ class PrunePass(Pass):
         if not models:
             return
         if cfg.mode == "block" or cfg.block_layers is not None:
-            if family.name == "gpt2" and getattr(models[0].config, "scale_attn_by_inverse_layer_idx", False):
+            if family.layer_scaled_attention(models[0].config):
                 raise SqueezeError(
-                    "gpt2 with scale_attn_by_inverse_layer_idx scales attention by layer index: "
+                    f"{family.name} with scale_attn_by_inverse_layer_idx scales attention by layer index: "
                     "removing blocks would change the kept layers; drop attention or MLP sublayers instead"
                 )
         self._counts(family, models[0])
@@ -406,7 +407,7 @@ class PrunePass(Pass):
         if plan.blocks:
             family.remove_layers(model, plan.blocks)
         if family.causal:
-            family.compact_kv_cache(model)
+            compact_kv_cache(family, model)
         return model
 
     def preview(self, models: list[nn.Module], ctx: PassContext) -> dict[str, Any]:

@@ -9,12 +9,12 @@ BERT collapses (cosine 0.33); nothing in squeeze ever quantizes it.
 
 Each attention module that receives the call (the one owning q/k/v, see
 ``Family.attention_core``) gets an :class:`AttnQuant` child holding its scales. The function is
-registered under :data:`NAME` by ``Family.use_attention_function``.
+registered under :data:`NAME` by :func:`route`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -118,3 +118,14 @@ def attention(
             probs = ops.quant_dequant(probs, qs.p_scale, qs.p_zero, qs.bits)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, H, D)
     return out, probs
+
+
+def route(model: nn.Module) -> None:
+    """Route every attention layer of ``model`` through :func:`attention` (transformers'
+    AttentionInterface, registered under :data:`NAME`), with eager-style additive float masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, eager_mask)
+    cast(Any, model).set_attn_implementation(NAME)  # a transformers PreTrainedModel

@@ -243,7 +243,7 @@ def quantize_model(
     attn_layers: list[int] = []
     use_attn = scheme.act in ("static", "block") and scheme.softmax != "float"
     if use_attn:
-        family.use_attention_function(model, qattn.NAME, qattn.attention)
+        qattn.route(model)
     result: dict[str, Any] = {"linears": {}, "embeddings": {}, "attention": None}
     decisions: dict[str, Any] = {}
     walk = Layerwise(model, family, batches)  # after the attention route: the masks follow it
@@ -338,7 +338,7 @@ def rebuild(model: nn.Module, family: Family, result: dict[str, Any]) -> nn.Modu
         family.set_embedding_table(model, key, build_embedding(spec))
     att = result.get("attention")
     if att:
-        family.use_attention_function(model, qattn.NAME, qattn.attention)
+        qattn.route(model)
         for i in att["layers"]:
             family.attention_core(layers[i]).add_module(qattn.CHILD, qattn.AttnQuant(att["bits"], att["softmax"]))
     return model
