@@ -49,6 +49,7 @@ KERNELS: dict[str, Kernel] = {
         dequant_linear.KERNEL,
         quant_dequant.KERNEL,
         dense_sparse_linear.KERNEL,
+        dense_sparse_linear.KERNEL_INT8,
     )
 }
 

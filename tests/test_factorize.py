@@ -282,10 +282,14 @@ def test_refuses_a_factorized_model(tiny_dirs):
         FactorizePass(FactorizeConfig(ratio=0.5, targets="mlp")).check(new.family, [new.model])
 
 
-def test_quantize_refuses_a_factorized_model_before_any_work(tiny_dirs):
+def test_quantize_takes_a_factorized_model_but_refuses_other_passes_modules_before_any_work(tiny_dirs):
     from squeeze.compress.errors import SqueezeError
     from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
 
     _ckpt, new, _ = _factorize(tiny_dirs["vit"], ratio=0.5, targets="mlp")
-    with pytest.raises(SqueezeError, match=r"mlp_in.*replaced by another pass \(DSLinear"):
+    QuantizePass(QuantizeConfig()).check(new.family, [new.model])  # stacking: tests/test_factorize_stack.py
+    layer = new.family.layers(new.model)[0]
+    ds = new.family.linears(layer)["mlp_out"]
+    new.family.set_linear(layer, "mlp_out", STFLinear(ds.factors(), ds.bias))
+    with pytest.raises(SqueezeError, match=r"mlp_out.*replaced by another pass \(STFLinear"):
         QuantizePass(QuantizeConfig()).check(new.family, [new.model])

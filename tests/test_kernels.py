@@ -27,7 +27,7 @@ def test_custom_op_registration_and_fake_implementation(name):
 
 def test_custom_domain_kernels_have_a_function_and_a_tensorrt_plugin():
     custom = [k for k in KERNELS.values() if k.domain == "squeeze"]
-    assert [k.name for k in custom] == ["logsqrt2_softmax", "dense_sparse_linear"]
+    assert [k.name for k in custom] == ["logsqrt2_softmax", "dense_sparse_linear", "dense_sparse_linear_int8"]
     for k in custom:
         fn = k.function(18)
         assert (fn.domain, fn.name) == ("squeeze", k.onnx_op)

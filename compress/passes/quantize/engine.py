@@ -70,7 +70,8 @@ def layer_groups(family: Family, model: nn.Module, layer: nn.Module) -> list[G.G
         keys = ["qkv"] if "qkv" in lins else ["q", "k", "v"]
         out.append(G.Group("attn_in", keys, [lins[k] for k in keys], norm=family.input_norm(layer, "attn")))
         producer = None
-        if family.num_kv_heads(model.config) == family.num_heads(model.config):
+        v_plain = family.is_linear(lins["qkv" if "qkv" in lins else "v"])  # not factorize's DSLinear
+        if family.num_kv_heads(model.config) == family.num_heads(model.config) and v_plain:
             if "qkv" in lins:  # fused (GPT-2): v is the last third of the output rows
                 d = family.linear_weight(lins["qkv"]).shape[0] // 3
                 producer = (lins["qkv"], slice(2 * d, 3 * d))
@@ -251,6 +252,7 @@ def quantize_model(
         layer = walk.layer
         step("quantize layers", i, len(layers))
         groups = layer_groups(family, model, layer)
+        groups = [g for g in groups if all(family.is_linear(m) for m in g.modules)]  # DSLinears: factorize's int8
         if not groups:
             continue
         caps = capture_inputs(walk, {g.name: g.first for g in groups})

@@ -165,6 +165,7 @@ class QuantizeResult(PassResult):
     linears: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
     embeddings: dict[str, dict[str, Any]] = Field(default_factory=dict)
     attention: dict[str, Any] | None = None
+    factorized: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)  # factorize's int8 DSLinears
 
     def summary(self) -> list[str]:
         n_lin = sum(len(v) for v in self.linears.values())
@@ -200,15 +201,9 @@ class QuantizePass(Pass):
         for model in models or []:
             if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
                 raise SqueezeError("this checkpoint is already quantized; quantize the float checkpoint instead")
-            for layer in family.layers(
-                model
-            ):  # another pass's modules (factorize's DSLinear) have no weight to quantize
-                odd = next((role for role, m in family.linears(layer).items() if not family.is_linear(m)), None)
-                if odd is not None:
-                    raise SqueezeError(
-                        f"the {odd} linears of this checkpoint were replaced by another pass "
-                        f"({type(family.linears(layer)[odd]).__name__}); quantize the float checkpoint"
-                    )
+            from squeeze.compress.passes.factorize import int8 as factorized  # DSLinear -> int8 D, S
+
+            factorized.check(family, model, self.config.w_bits)
 
     def check_data(self, ctx: PassContext) -> None:
         """Static activation ranges need real calibration data."""
@@ -258,12 +253,18 @@ class QuantizePass(Pass):
         warnings, notes = family_notes(ctx.family, cast(QuantizeConfig, self.config), model)
         for w in warnings:
             ctx.warn(w)
+        from squeeze.compress.passes.factorize import int8 as factorized
+
+        ds_specs, ds_warnings = factorized.quantize(model, ctx.family, scheme.w_bits)  # before the walk
+        for w in ds_warnings:
+            ctx.warn(w)
         batches = ctx.calib_batches()
         torch.manual_seed(ctx.seed)
         with torch.enable_grad():  # the clipping bounds are learned
             result, metrics = quantize_model(model, ctx.family, batches, scheme, step=ctx.step)
         n_lin = sum(len(v) for v in result["linears"].values())
-        ctx.result = QuantizeResult(**result)
+        ctx.result = QuantizeResult(**result, factorized=ds_specs)
+        metrics["quantized_factorized_linears"] = sum(len(v) for v in ds_specs.values())
         ctx.metrics.update(
             {
                 "scheme": {
@@ -293,6 +294,8 @@ class QuantizePass(Pass):
         return ExportRule(**rule_for(cfg.w_bits, cfg.activations, cfg.a_bits))
 
     def restructure(self, model: nn.Module, edit: Edit, family: Family) -> nn.Module:
+        from squeeze.compress.passes.factorize import int8 as factorized
         from squeeze.compress.passes.quantize.engine import rebuild
 
-        return rebuild(model, family, self.result_of(edit).model_dump())
+        result = self.result_of(edit).model_dump()
+        return factorized.rebuild(rebuild(model, family, result), family, result["factorized"])
