@@ -34,9 +34,13 @@ test: lint
 	$(BIN)/python -m pytest -n $(WORKERS) tests
 
 # mutation testing of one algorithm folder (slow; not part of test): make mutate PASS=prune|quantize|kernels|...
+# SAMPLE=N checks a seeded uniform sample of N mutants (an estimate with its 95% interval); empty: all
 PASS ?= prune
+SAMPLE ?=
+SEED ?= 17
+MUTATE_JOBS ?= 1
 mutate: setup
-	JOBS=$(WORKERS) tests/mutation/mutate.sh $(PASS)
+	JOBS=$(MUTATE_JOBS) SAMPLE=$(SAMPLE) SEED=$(SEED) tests/mutation/mutate.sh $(PASS)
 
 bench: setup
 	cd benchmarks && for b in bench_*.py; do ../$(BIN)/python $$b || exit 1; done
