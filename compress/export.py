@@ -112,7 +112,7 @@ def _check_options(
         raise SqueezeError(f"tolerances must be positive and sane (atol={atol}, rtol={rtol})")
     if not 1 <= batch <= 1024:
         raise SqueezeError(f"batch must be between 1 and 1024, got {batch}")
-    max_pos = int(getattr(ckpt.model.config, "max_position_embeddings", 0) or 0)
+    max_pos = ckpt.family.max_positions(ckpt.model.config) or 0
     if ckpt.family.modality == "text" and not 1 <= seq_len * 2 <= (max_pos or 1 << 20):
         raise SqueezeError(
             f"seq-len must be between 1 and {max_pos // 2} for this model (validation also runs 2x), got {seq_len}"

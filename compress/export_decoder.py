@@ -36,6 +36,7 @@ from torch import nn
 from squeeze.compress.calibration import DataSpec, batches
 from squeeze.compress.checkpoint import Checkpoint
 from squeeze.compress.errors import SqueezeError
+from squeeze.compress.families import Family
 
 WITH_PAST = "text-generation-with-past"
 TASKS = ("auto", WITH_PAST, "text-generation", "feature-extraction")
@@ -158,7 +159,7 @@ def export_with_past(model: nn.Module, path: Path, *, opset: int, dtype: torch.d
     gen = torch.Generator().manual_seed(0)
     b, s, p = _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST
     config: Any = model.config  # a transformers config: its attributes depend on the model
-    vocab = int(config.vocab_size)
+    vocab = Family.vocab_size(config)
     ids = torch.randint(vocab // 4, vocab, (b, s), generator=gen)
     mask = torch.ones(b, p + s, dtype=torch.long)
     pos = torch.arange(p, p + s).expand(b, s).contiguous()

@@ -93,7 +93,7 @@ def _check(
         raise SqueezeError(f"new tokens must be between 1 and 4096, got {new_tokens}")
     if not 1 <= batch <= 1024:
         raise SqueezeError(f"batch must be between 1 and 1024, got {batch}")
-    max_pos = int(getattr(ckpt.config, "max_position_embeddings", 0) or 1 << 20)
+    max_pos = ckpt.family.max_positions(ckpt.config) or 1 << 20
     extra = new_tokens if ckpt.family.causal else 0  # the generation check's new tokens
     if ckpt.family.modality == "text" and not 1 <= seq_len * 2 + extra <= max_pos:
         raise SqueezeError(

@@ -130,7 +130,7 @@ class DistillPass(Pass):
         if teacher.family.name != fam.name:
             raise SqueezeError(f"teacher {ref} is a {teacher.family.name} model, the student a {fam.name} model")
         if fam.modality == "text":
-            tv, sv = getattr(teacher.config, "vocab_size", None), getattr(student.config, "vocab_size", None)
+            tv, sv = fam.vocab_size(teacher.config), fam.vocab_size(student.config)
             if tv != sv:
                 raise SqueezeError(f"teacher {ref} has a vocabulary of {tv} tokens, the student {sv}")
             ts, ss = teacher.tokenizer(), ctx.checkpoint.tokenizer() if ctx.checkpoint else None
