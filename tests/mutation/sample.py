@@ -121,6 +121,28 @@ def read_results(work: Path) -> dict[str, int | None]:
     return codes
 
 
+def source_id(key: str, rev: str = "HEAD") -> str:
+    """Git ids of the committed files mutated for ``key`` (a recheck needs the same source)."""
+    globs = [g.rstrip("*").rstrip("/") for g in FOLDERS[key][0]]
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", *[f"{rev}:{g}" for g in globs]],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return " ".join(out.stdout.split())
+
+
+def keep_results(work: Path, killed: set[str]) -> None:
+    """Mark ``killed`` as killed (exit code 1) in this run's mutant data."""
+    for meta in (work / "mutants").rglob("*.meta"):
+        data = json.loads(meta.read_text())
+        hits = killed & set(data["exit_code_by_key"])
+        if hits:
+            data["exit_code_by_key"].update(dict.fromkeys(hits, 1))
+            meta.write_text(json.dumps(data))
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)
@@ -130,7 +152,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(key: str, commit: str, codes: dict[str, int | None], sample: list[str], seed: int | None) -> dict:
+def summarize(
+    key: str, commit: str, source: str, codes: dict[str, int | None], sample: list[str], seed: int | None
+) -> dict:
     statuses = {name: STATUS.get(codes[name], "suspicious") for name in sample}
     counts = Counter(statuses.values())
     checked = len(sample) - counts["not checked"]
@@ -152,6 +176,9 @@ def summarize(key: str, commit: str, codes: dict[str, int | None], sample: list[
         "score": killed / checked if checked else None,
         "score_ci95": [lo, hi],
         "score_without_no_tests": killed / tested if tested else None,
+        "source": source,
+        "sample": sorted(sample),
+        "killed_mutants": sorted(n for n, s in statuses.items() if s in {"killed", "timeout"}),
         "survivors": sorted(n for n, s in statuses.items() if s == "survived"),
         "no_tests_mutants": sorted(n for n, s in statuses.items() if s == "no tests"),
         "unchecked": sorted(n for n, s in statuses.items() if s == "not checked"),
@@ -168,13 +195,25 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="default: build/mutate/FOLDER")
     parser.add_argument("--worktree", action="store_true", help="copy the working tree, not HEAD")
     parser.add_argument("--resume", action="store_true", help="reuse WORK's mutants and sample")
+    parser.add_argument(
+        "--recheck",
+        type=Path,
+        default=None,
+        help="a previous summary.json of the same source: keep its killed mutants, re-run the others",
+    )
     args = parser.parse_args()
     work = (args.work or ROOT / "build" / "mutate" / args.folder).resolve()
     log = work / "mutmut.log"
+    previous = json.loads(args.recheck.read_text()) if args.recheck else None
     if args.resume:
-        commit = json.loads((work / "summary.json").read_text())["commit"]
+        last = json.loads((work / "summary.json").read_text())
+        commit, source = last["commit"], last.get("source") or source_id(args.folder, last["commit"].split("+")[0])
     else:
         commit = copy_tree(work, args.worktree)
+        source = source_id(args.folder, commit.split("+")[0])
+        if previous and previous["source"] != source:
+            print("--recheck: the folder's source changed since that run; run it afresh", file=sys.stderr)
+            return 1
         write_config(work, args.folder)
         # generate every mutant and the test->function map; the filter then matches nothing, by design
         mutmut(work, ["run", "--max-children", "1", NOMATCH], log)
@@ -186,10 +225,17 @@ def main() -> int:
     sample = sorted(random.Random(args.seed).sample(names, args.sample)) if 0 < args.sample < len(names) else names
     seed = args.seed if len(sample) < len(names) else None
     todo = [n for n in sample if codes[n] is None]
-    (work / "summary.json").write_text(json.dumps(summarize(args.folder, commit, codes, sample, seed), indent=1))
+    if previous:  # tests were only added: a mutant killed before stays killed; re-run the rest
+        sample, seed = previous["sample"], previous["seed"]
+        kept = set(previous["killed_mutants"])
+        todo = [n for n in sample if n not in kept]
+        keep_results(work, kept)
+    (work / "summary.json").write_text(
+        json.dumps(summarize(args.folder, commit, source, codes, sample, seed), indent=1)
+    )
     if todo:
         mutmut(work, ["run", "--max-children", str(args.jobs), *todo], log)
-    summary = summarize(args.folder, commit, read_results(work), sample, seed)
+    summary = summarize(args.folder, commit, source, read_results(work), sample, seed)
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     lo, hi = summary["score_ci95"]
     score = summary["score"] or 0.0
