@@ -8,6 +8,7 @@ refused naming its field; ``top_k`` never returns a -inf (already dropped) candi
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -81,11 +82,19 @@ def test_manifest_scores_are_the_measured_scores(tiny_dirs):
 def test_metrics_and_summary_say_what_was_dropped(tiny_dirs):
     ckpt = ck.load(tiny_dirs["bert"])
     ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
-    PrunePass(attn_layers=[0, 3], mlp_layers=[2]).apply([ckpt.model], ctx)
+    PrunePass(attn_layers=[0, 3], mlp_layers=[2]).apply([copy.deepcopy(ckpt.model)], ctx)
     assert ctx.metrics["dropped"] == {"attention": [0, 3], "mlp": [2], "blocks": []}
     assert ctx.result.summary() == ["dropped attention 0, 3; MLP 2 of 4 layers"]
     assert PruneResult(num_layers=6, blocks=[4]).summary() == ["dropped blocks 4 of 6 layers"]
     assert PruneResult(num_layers=4).summary() == ["dropped nothing of 4 layers"]
+    assert ctx.metrics["keep_norm"] is True and "rounds" not in ctx.metrics  # bert: post-LN keeps its norm
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
+    PrunePass(drop_mlp=2, iterative=True).apply([copy.deepcopy(ckpt.model)], ctx)
+    assert ctx.metrics["rounds"] == ctx.result.rounds and len(ctx.result.rounds) == 2
+    assert ctx.metrics["dropped"]["mlp"] == sorted(r["layer"] for r in ctx.result.rounds)
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
+    PrunePass(drop_attn=0.1).apply([copy.deepcopy(ckpt.model)], ctx)  # 0.1 x 4 rounds to 0
+    assert ctx.warnings == ["nothing dropped: the amount rounds to 0 layers"]
 
 
 @pytest.mark.parametrize(
