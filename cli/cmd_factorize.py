@@ -30,6 +30,9 @@ def factorize(
     rank: int = typer.Option(None, "--rank", help="k, the columns of D (instead of --ratio)."),
     nnz: int = typer.Option(None, "--nnz", help="s, non-zeros per column of S (<= rank)."),
     density: float = typer.Option(0.25, "--density", help="s / k under a --ratio budget."),
+    allocation: str = typer.Option(
+        "uniform", "--allocation", help="uniform (ratio per linear) or error (the total, by measured error)."
+    ),
     pattern: str = typer.Option("column", "--pattern", help="column (s per column) or nm (n of every m rows)."),
     nm_group: int = typer.Option(4, "--nm-group", help="m of the N:M pattern."),
     targets: str = typer.Option(
@@ -59,6 +62,7 @@ def factorize(
         rank=rank,
         nnz=nnz,
         density=density,
+        allocation=allocation,
         pattern=pattern,
         nm_group=nm_group,
         targets=targets,
@@ -78,9 +82,10 @@ def factorize(
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     spec = data_spec("builtin", 128, seq_len)  # the fidelity measurement of the ledger
 
-    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.checkpoint import save
     from squeeze.compress.passes import PassContext, run_pass
     from squeeze.compress.passes.factorize import FactorizePass
+    from squeeze.compress.run import load
 
     model = load(ckpt, trust_pickle=trust_pickle)
     pass_ = FactorizePass(cfg)

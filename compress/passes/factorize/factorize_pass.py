@@ -8,7 +8,8 @@ Every targeted linear W (out, in) becomes a :class:`DSLinear` ``y = D (S x) + b`
 
 1. **Budget** (``budget.py``): ``ratio`` of the linear's stored weight bytes, D + S values +
    S indices at their real dtypes; k is the largest rank whose s = density * k fits. ``rank`` /
-   ``nnz`` set them directly (clamped to min(out, in) per layer).
+   ``nnz`` set them directly (clamped to min(out, in) per layer). ``allocation="error"`` spends
+   the same total where the measured reconstruction error drops most per byte (``allocate.py``).
 2. **Initialization** (``solver.py``): alternating minimization warm-started from the truncated
    SVD (S-step: top-s of the least-squares code + refit, or OMP; D-step: least squares).
 3. **STF** (``stf.py``, ``stf_steps > 0``): every factorized linear trains a dense latent that is
@@ -55,6 +56,10 @@ class FactorizeConfig(PassConfig):
     rank: int | None = Field(None, ge=1)
     nnz: int | None = Field(None, ge=1)
     density: float = Field(DEFAULT_DENSITY, gt=0, le=1, description="s / k under a ratio budget")
+    allocation: Literal["uniform", "error"] = Field(
+        "uniform", description="uniform: every linear gets ratio of its bytes; error: the total by measured error"
+    )
+    alloc_iters: int = Field(2, ge=0, le=1000, description="alternating steps per candidate of the error allocation")
     pattern: Literal["column", "nm"] = "column"
     nm_group: int = Field(4, ge=2, le=64, description="m of an N:M pattern (rows of S per group)")
     targets: tuple[str, ...] = ("attn", "mlp")
@@ -99,6 +104,8 @@ class FactorizeConfig(PassConfig):
             raise ValueError("nnz needs rank")
         if self.rank is not None and self.nnz is not None and self.nnz > self.rank:
             raise ValueError(f"nnz ({self.nnz}) must not exceed rank ({self.rank})")
+        if self.allocation == "error" and self.rank is not None:
+            raise ValueError("allocation error shares a --ratio budget between layers; it does not take --rank")
         if self.pattern == "nm" and self.coder == "omp":
             raise ValueError("the N:M pattern uses the top-k coder")
         return self
@@ -133,6 +140,7 @@ class FactorizeResult(BaseModel):
     pattern: str = "column"
     stf: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
+    allocation: dict[str, Any] | None = None  # the error allocation's summary (uniform: None)
 
 
 def svd_error_at_bytes(w: torch.Tensor, n_bytes: int, elem: int = 4) -> float:
@@ -183,6 +191,26 @@ class FactorizePass(Pass):
         s = min(cfg.nnz, k) if cfg.nnz is not None else nnz_for(k, cfg.density, cfg.pattern, cfg.nm_group)
         return k, s
 
+    def allocate(self, weights: list[torch.Tensor], ctx: PassContext) -> tuple[list | None, dict[str, Any] | None]:
+        """Per-linear candidates chosen by measured error (``allocation="error"``), else (None, None)."""
+        cfg = cast(FactorizeConfig, self.config)
+        ratio = cfg.budget_ratio
+        if cfg.allocation != "error" or ratio is None:
+            return None, None
+        from squeeze.compress.passes.factorize.allocate import allocate
+
+        chosen, summary = allocate(
+            weights,
+            ratio,
+            cfg.density,
+            pattern=cfg.pattern,
+            m=cfg.nm_group,
+            iters=cfg.alloc_iters,
+            coder=cfg.coder,
+            step=lambda i, n: ctx.step("allocate", i, n),
+        )
+        return chosen, summary
+
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
         cfg = cast(FactorizeConfig, self.config)
         family = ctx.family
@@ -191,11 +219,15 @@ class FactorizePass(Pass):
         teacher = copy.deepcopy(model).eval() if cfg.stf_steps or cfg.finetune_steps else None
         found = targets(model, family, cfg)
         specs: dict[str, dict[str, LinearSpec]] = {}
+        chosen, alloc = self.allocate([family.linear_weight(m).detach() for _, _, m in found], ctx)
         for n, (i, key, mod) in enumerate(found):
             w = family.linear_weight(mod).detach()  # (out, in) for Linear and Conv1D alike
             out_f, in_f = w.shape
-            k, s = self.plan(out_f, in_f)
-            f, errs = factorize(w, k, s, iters=cfg.iters, coder=cfg.coder, pattern=cfg.pattern, m=cfg.nm_group)
+            k, s = self.plan(out_f, in_f) if chosen is None else (chosen[n].k, chosen[n].s)
+            if chosen is not None and cfg.alloc_iters == cfg.iters:  # measured with the same steps
+                f, errs = chosen[n].factors, [chosen[n].error]
+            else:
+                f, errs = factorize(w, k, s, iters=cfg.iters, coder=cfg.coder, pattern=cfg.pattern, m=cfg.nm_group)
             bias = cast(torch.Tensor, mod.bias).detach() if mod.bias is not None else None
             ds = DSLinear.from_factors(f, bias, dtype=w.dtype)
             family.set_linear(family.layers(model)[i], key, ds)
@@ -213,7 +245,7 @@ class FactorizePass(Pass):
                 bytes_after=after,
             )
             ctx.step("factorize", n + 1, len(found))
-        result = FactorizeResult(linears=specs, pattern=cfg.pattern)
+        result = FactorizeResult(linears=specs, pattern=cfg.pattern, allocation=alloc)
         if teacher is not None:
             from squeeze.compress.passes.factorize.train import finetune, train_stf, training_data
 
@@ -227,6 +259,7 @@ class FactorizePass(Pass):
         ctx.metrics.update(
             {
                 "factorized_linears": len(flat),
+                "allocation": cfg.allocation if alloc is not None else "uniform",
                 "linear_bytes_before": sum(s.bytes_before for s in flat),
                 "linear_bytes_after": sum(s.bytes_after for s in flat),
                 "linear_ratio": round(sum(s.bytes_after for s in flat) / sum(s.bytes_before for s in flat), 4),
