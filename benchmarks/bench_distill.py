@@ -35,13 +35,14 @@ import json
 import time
 
 import torch
-from common import MINILM, RESULTS, ck, write_results
+from common import MINILM, RESULTS, write_results
 
 from squeeze.compress.distill import DistillConfig, distill
 from squeeze.compress.evaluate import PeakMemory, compare_outputs, reference_outputs
 from squeeze.compress.passes import PassContext, run_pass
 from squeeze.compress.passes.distill import layer_map_from_edits
 from squeeze.compress.passes.prune import PrunePass
+from squeeze.compress.run import load
 from squeeze.compress.train_data import TrainSpec, training_batches, wiki_sentences
 
 torch.set_num_threads(1)
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--tag", default="distill")
     args = ap.parse_args()
 
-    orig = ck.load(MINILM)
+    orig = load(MINILM)
     fam = orig.family
     pruned = student_for(orig, args.drop)
     dropped = pruned.manifest.edits[-1]["result"]

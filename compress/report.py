@@ -185,6 +185,16 @@ def markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * len(cols),
     ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
+    refs = [(n, r) for n, r in _baselines(report) if r.get("latency_ratio") is not None]
+    if refs:  # the reference graphs the export steps were timed against (compress/baselines.py)
+        lines += [
+            "",
+            "Reference graphs: "
+            + "; ".join(
+                f"{n}: {fmt_bytes(r.get('bytes'))}, cos {_f(r.get('cos'), '.4f')}, {_ratio(r)} vs fp32" for n, r in refs
+            )
+            + ".",
+        ]
     failed = [j for j in report["jobs"] if j["status"] != "ok"]
     if failed:
         lines += ["", "## Failed jobs", ""] + [
@@ -240,6 +250,18 @@ def _baselines(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def loss_curves(report: dict[str, Any]) -> list[tuple[str, int, list[float], list[float]]]:
+    """``(label, job index, steps, losses)`` of every ledger row whose metrics hold a loss curve."""
+    out = []
+    for n, job in enumerate(report["jobs"]):
+        for r in job["rows"]:
+            curve = (r.get("metrics") or {}).get("loss_curve") if isinstance(r.get("metrics"), dict) else None
+            if isinstance(curve, list) and curve and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in curve):
+                xs, ys = [float(p[0]) for p in curve], [float(p[1]) for p in curve]
+                out.append((f"{job['job']}: {r['step']} {r['pass']}", n, xs, ys))
+    return out
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Fidelity (mean cosine vs the original) against latency and against size: a marker per
     step, a line per job, the Pareto front dashed, baselines as black stars; labels only on the
@@ -249,8 +271,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lat, ax_size) = plt.subplots(1, 2, figsize=(13, 5))
     rows = [r for j in report["jobs"] for r in j["rows"]]
+    curves = loss_curves(report)
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(19 if curves else 13, 5))
+    ax_lat, ax_size = axes[0], axes[1]
+    if curves:  # training steps (distill, and the passes that train through it): their loss curves
+        for label, n, xs, ys in curves:
+            axes[2].plot(xs, ys, color=f"C{n % 10}", label=label)
+        axes[2].set(xlabel="training step", ylabel="loss", yscale="log", title="training loss")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
     lat_key = "latency_ratio" if any(r.get("latency_ratio") is not None for r in rows) else "latency_ms"
     panels = ((ax_lat, lat_key, 1.0), (ax_size, "bytes", 1 / 2**20))
     for ax, key, scale in panels:

@@ -241,8 +241,8 @@ def test_more_than_three_epochs_is_warned_about():
 # The pass, the CLI and recipes
 # --------------------------------------------------------------------------------------------
 
+import squeeze.compress as ck  # noqa: E402  (load = run.load: replays squeeze folders)
 from squeeze.cli.main import main  # noqa: E402
-from squeeze.compress import checkpoint as ck  # noqa: E402
 from squeeze.compress.evaluate import model_outputs  # noqa: E402
 from squeeze.compress.passes import run_pass  # noqa: E402
 from squeeze.compress.passes.distill import DistillPass, layer_map_from_edits  # noqa: E402
@@ -472,3 +472,47 @@ def test_a_mix_takes_equal_shares_of_its_sources(tiny_dirs, tmp_path):
     tok = src.tokenizer()
     texts = [tok.decode(row, skip_special_tokens=True) for b in training_batches(src, spec) for row in b["input_ids"]]
     assert len(texts) == 40 and sum("zebra" in t for t in texts) == 20
+
+
+def _ledger(curve: list | None) -> dict:
+    rows = [
+        {"step": 0, "pass": "original", "bytes": 9e6, "fidelity": {}},
+        {"step": 1, "pass": "prune", "bytes": 8e6, "fidelity": {"cos_mean": 0.95}, "metrics": {}},
+        {"step": 2, "pass": "distill", "bytes": 8e6, "fidelity": {"cos_mean": 0.98}},
+        {"step": 3, "pass": "export", "bytes": 8e6, "latency_ratio": 0.6, "fidelity": {"cos_mean": 0.98}},
+    ]
+    if curve is not None:
+        rows[2]["metrics"] = {"loss_curve": curve}
+    return {"format": 1, "jobs": [{"job": "edge", "status": "ok", "rows": rows}]}
+
+
+def _png_width(path) -> int:
+    data = path.read_bytes()
+    assert data[:4] == b"\x89PNG"
+    return int.from_bytes(data[16:20], "big")
+
+
+def test_report_plot_draws_the_loss_curve_only_when_a_row_has_one(tmp_path):
+    from squeeze.compress import report
+
+    curve = [[1, 0.5], [2, 0.3], [3, 0.2]]
+    assert report.loss_curves(_ledger(None)) == []
+    assert report.loss_curves(_ledger(curve)) == [("edge: 2 distill", 0, [1.0, 2.0, 3.0], [0.5, 0.3, 0.2])]
+    report.plot(_ledger(None), tmp_path / "without.png")
+    report.plot(_ledger(curve), tmp_path / "with.png")
+    # the curve gets its own third panel: the figure is half as wide again
+    assert _png_width(tmp_path / "with.png") > 1.3 * _png_width(tmp_path / "without.png")
+
+
+def test_report_markdown_names_the_reference_graphs_with_their_latency_ratio():
+    from squeeze.compress import report
+
+    ledger = _ledger(None)
+    ledger["jobs"][0]["rows"][0]["params"] = 10
+    for r in ledger["jobs"][0]["rows"]:
+        r.setdefault("params", 10)
+    base = {"bytes": 2**20, "latency_ratio": 0.45, "ratio_spread": [0.4, 0.5], "fidelity": {"cos_mean": 0.998}}
+    ledger["jobs"][0]["rows"][3]["baselines"] = {"ORT dynamic int8": base}
+    text = report.markdown(ledger)
+    assert "ORT dynamic int8: 1.0 MB, cos 0.9980, 0.45x (0.40-0.50) vs fp32" in text
+    assert "Reference graphs" not in report.markdown(_ledger(None) | {"jobs": [{**ledger["jobs"][0], "rows": []}]})
