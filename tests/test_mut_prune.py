@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from squeeze.compress import checkpoint as ck
+import squeeze.compress as ck  # load = run.load (replays squeeze folders), save = checkpoint.save
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes import PassContext, run_pass
@@ -141,3 +141,53 @@ def test_to_indices_refuses_mixed_and_non_integer_entries():
             to_indices(bad, 4, "attention")
     assert to_indices([3, 1, 3], 4, "attention") == [1, 3]
     assert to_indices(None, 4, "attention") == []
+
+
+def test_one_shot_mlp_drop_takes_the_zeroed_layer(tiny_dirs):
+    ckpt = ck.load(tiny_dirs["llama"])
+    _zero(ckpt, 1, "mlp_out")
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
+    plan = PrunePass(drop_mlp=1).plan(ckpt.model, ctx)
+    assert plan.mlp == [1] and plan.attention == [] and plan.blocks == []
+    assert abs(plan.scores["mlp"][1] - 1.0) < S_ONE_TOL
+
+
+def test_scored_bert_drop_keeps_the_norm_like_an_explicit_one(tiny_dirs):
+    """A scored drop on post-LN BERT uses the default keep_norm, exactly as the explicit drop of that layer."""
+    ckpt = ck.load(tiny_dirs["bert"])
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
+    scored = run_pass(PrunePass(drop_attn=1), [ckpt], ctx, measure_fidelity=False)
+    res = scored.manifest.edits[-1]["result"]
+    assert res["keep_norm"] is True and res["num_layers"] == 4
+    explicit = run_pass(PrunePass(attn_layers=res["attention"]), [ckpt], ctx, measure_fidelity=False)
+    assert explicit.manifest.edits[-1]["result"]["num_layers"] == 4
+    batch = ctx.eval_batches()[0]
+    with torch.no_grad():
+        a = scored.model(**{k: v for k, v in batch.items() if k in ckpt.family.model_inputs}).last_hidden_state
+        b = explicit.model(**{k: v for k, v in batch.items() if k in ckpt.family.model_inputs}).last_hidden_state
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "name,kw,message",
+    [
+        (
+            "llama",
+            {"keep_norm": False, "drop_attn": 1},
+            "keep_norm is an option of post-LN encoders (bert) only; llama is a pre-norm decoder, "
+            "where a dropped sublayer always takes its norm with it",
+        ),
+        (
+            "llama",
+            {"attn_layers": [0, 1, 2, 3]},
+            "cannot drop all 4 attention layers of a decoder: nothing would mix tokens, "
+            "and the KV cache would have no slot",
+        ),
+        ("vit", {"attn_layers": [4]}, "attn_layers: layer index 4 out of range (the model has 4 layers: 0..3)"),
+    ],
+)
+def test_refusals_say_why_in_full(tiny_dirs, name, kw, message):
+    ckpt = ck.load(tiny_dirs[name])
+    with pytest.raises(SqueezeError) as err:
+        PrunePass(**kw).check(ckpt.family, [ckpt.model])
+    assert str(err.value) == message
