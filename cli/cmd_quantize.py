@@ -3,6 +3,7 @@
 squeeze quantize CKPT -o OUT                                   # int8 weights, ORT dynamic activations
 squeeze quantize CKPT -o OUT --activations int8 --data data.txt   # static QDQ (TensorRT, edge)
 squeeze quantize CKPT -o OUT --weights int4 --activations none     # weight-only
+squeeze quantize CKPT -o OUT --activations none --format compressed-tensors  # loads in plain transformers
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def quantize(
     block_size: int = typer.Option(64, "--block-size", help="bct: channels per block."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Quantize embedding tables (uint8)."),
     clip_steps: int = typer.Option(50, "--clip-steps", help="repquant static: dual-clipping optimisation steps."),
+    fmt: str = typer.Option(
+        "squeeze",
+        "--format",
+        help="squeeze, or compressed-tensors (int8/int4 weights plain transformers and vLLM load; "
+        "--activations none or dynamic).",
+    ),
     data: Data = "builtin",
     calib: CalibAlias = None,
     samples: Samples = 128,
@@ -56,6 +63,7 @@ def quantize(
         block_size=block_size,
         embeddings=embeddings,
         clip_steps=clip_steps,
+        format=fmt,
     )
     spec = data_spec(pick_data(data, calib), samples, seq_len)
 

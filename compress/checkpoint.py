@@ -332,7 +332,12 @@ def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay |
     for f in files:
         if f.suffix == ".safetensors":
             check_safetensors(f)
-    model = _load_hf(folder, family, config_dict, use_safetensors=not is_pickle)
+    from squeeze.compress import formats_ct  # another tool's compressed-tensors folder: de-quantized
+
+    if formats_ct.quantization_config(config_dict) is not None:
+        model = formats_ct.load_float(folder, family, _hf_config(folder), files)
+    else:
+        model = _load_hf(folder, family, config_dict, use_safetensors=not is_pickle)
     manifest = Manifest(
         base=BaseInfo(
             model_type=config_dict["model_type"],
@@ -345,13 +350,17 @@ def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay |
     return Checkpoint(model=model, family=family, manifest=manifest, source=folder)
 
 
-def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors: bool) -> nn.Module:
+def _hf_config(folder: Path):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
         raise SqueezeError(f"{folder}/config.json: {exc}") from None
+
+
+def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors: bool) -> nn.Module:
+    config = _hf_config(folder)
     check_size(family, config, weight_files(folder)[0], f"{folder}/config.json")
     cls = model_class(family, config)
     try:
@@ -425,9 +434,12 @@ def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
             # a tampered edit (bad indices, shapes, fields): the manifest is data, not code
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SqueezeError(f"{where}: edit {n} ({pass_name}) cannot be replayed ({msg})") from None
-    _load_state_strict(model, files)
-    from squeeze.compress import dtypes
+    from squeeze.compress import dtypes, formats_ct
 
+    if formats_ct.is_folder(folder):  # written with --format compressed-tensors
+        formats_ct.load_into(model, files)
+    else:
+        _load_state_strict(model, files)
     dtypes.to_work(model, dtypes.stored_dtype(files))
     model.eval()
     return Checkpoint(model=model, family=family, manifest=manifest, source=folder)
@@ -521,10 +533,14 @@ def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Pa
     with atomic_dir(out, force=force) as tmp:
         if ckpt.source is not None:
             copy_side_files(ckpt.source, tmp)
+        from squeeze.compress import formats_ct
         from squeeze.compress.formats import write_config  # plain transformers, or refused with how to load it
 
-        write_config(ckpt.model, ckpt.family, ckpt.manifest.base.config, tmp / "config.json")
-        save_weights(ckpt.model, tmp / WEIGHTS)
+        if formats_ct.requested(ckpt.manifest.edits):  # quantize --format compressed-tensors
+            formats_ct.write(ckpt.model, ckpt.family, tmp / "config.json", tmp / WEIGHTS)
+        else:
+            write_config(ckpt.model, ckpt.family, ckpt.manifest.base.config, tmp / "config.json")
+            save_weights(ckpt.model, tmp / WEIGHTS)
         manifest = ckpt.manifest.model_copy(update={"weights_sha256": sha256_of([tmp / WEIGHTS])})
         (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return Path(out)

@@ -73,6 +73,7 @@ class QuantizeConfig(PassConfig):
     # static only; auto: log-sqrt2 for repquant up to 8 bits. Its levels are sqrt(2) apart at any
     # width (more bits only reach smaller probabilities), so above 8 bits a uniform grid is finer.
     softmax: Literal["auto", "logsqrt2", "uniform", "float"] = "auto"
+    format: Literal["squeeze", "compressed-tensors"] = "squeeze"  # the folder's layout (compress/formats_ct.py)
 
     @field_validator("weights")
     @classmethod
@@ -99,6 +100,12 @@ class QuantizeConfig(PassConfig):
             raise ValueError(
                 "bct scales weights per block, which MatMulInteger cannot consume: use --activations int8 or none"
             )
+        if self.format == "compressed-tensors":
+            from squeeze.compress.formats_ct import config_problem
+
+            problem = config_problem(self.w_bits, self.activations, self.method)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     @property
@@ -204,6 +211,12 @@ class QuantizePass(Pass):
             from squeeze.compress.passes.factorize import int8 as factorized  # DSLinear -> int8 D, S
 
             factorized.check(family, model, self.config.w_bits)
+            if self.config.format == "compressed-tensors":  # what that format cannot hold, before any work
+                from squeeze.compress import formats, formats_ct
+
+                cfg = self.config
+                plain = formats.plain_reason(model, family)
+                formats_ct.check(family, model, cfg.activations, cfg.method, cfg.alphas, plain)
 
     def check_data(self, ctx: PassContext) -> None:
         """Static activation ranges need real calibration data."""
