@@ -99,8 +99,10 @@ def copy_tree(work: Path, worktree: bool) -> str:
     return head
 
 
-def write_config(work: Path, key: str) -> None:
+def write_config(work: Path, key: str, new_only: bool = False) -> None:
     globs, tests = FOLDERS[key]
+    if new_only:  # a recheck: the other tests already ran against these mutants and passed
+        tests = [t for t in tests if t.startswith("test_mut_")]
     present = [f"squeeze/tests/{t}" for t in tests if (work / "squeeze" / "tests" / t).exists()]
     lines = ["[mutmut]", "source_paths=squeeze", "only_mutate=" + "\n    ".join(f"squeeze/{g}" for g in globs)]
     lines.append("pytest_add_cli_args_test_selection=" + "\n    ".join(present))
@@ -141,6 +143,17 @@ def keep_results(work: Path, killed: set[str]) -> None:
         if hits:
             data["exit_code_by_key"].update(dict.fromkeys(hits, 1))
             meta.write_text(json.dumps(data))
+
+
+def restore_unreached(work: Path, todo: set[str], survived: set[str]) -> None:
+    """After a recheck with the new tests only: 'no tests' there means the earlier verdict stands."""
+    for meta in (work / "mutants").rglob("*.meta"):
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        for name in todo & set(codes):
+            if codes[name] in (5, 33, None):
+                codes[name] = 0 if name in survived else 33
+        meta.write_text(json.dumps(data))
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -199,7 +212,8 @@ def main() -> int:
         "--recheck",
         type=Path,
         default=None,
-        help="a previous summary.json of the same source: keep its killed mutants, re-run the others",
+        help="a previous summary.json of the same source: keep its killed mutants, run only the new "
+        "tests/test_mut_FOLDER.py against the others",
     )
     args = parser.parse_args()
     work = (args.work or ROOT / "build" / "mutate" / args.folder).resolve()
@@ -214,7 +228,7 @@ def main() -> int:
         if previous and previous["source"] != source:
             print("--recheck: the folder's source changed since that run; run it afresh", file=sys.stderr)
             return 1
-        write_config(work, args.folder)
+        write_config(work, args.folder, new_only=previous is not None)
         # generate every mutant and the test->function map; the filter then matches nothing, by design
         mutmut(work, ["run", "--max-children", "1", NOMATCH], log)
     codes = read_results(work)
@@ -235,6 +249,8 @@ def main() -> int:
     )
     if todo:
         mutmut(work, ["run", "--max-children", str(args.jobs), *todo], log)
+    if previous:  # a mutant the new tests do not reach keeps its earlier verdict
+        restore_unreached(work, set(todo), set(previous["survivors"]))
     summary = summarize(args.folder, commit, source, read_results(work), sample, seed)
     (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     lo, hi = summary["score_ci95"]
