@@ -69,13 +69,13 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name
 """
 
 
-def copy_tree(work: Path, worktree: bool) -> str:
+def copy_tree(work: Path, worktree: bool, rev: str = "HEAD") -> str:
     """Unpack HEAD (or the working tree) into WORK/squeeze; return the commit copied."""
     shutil.rmtree(work, ignore_errors=True)
     (work / "squeeze").mkdir(parents=True)
     (work / "site").mkdir()
     head = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+        ["git", "-C", str(ROOT), "rev-parse", rev], check=True, capture_output=True, text=True
     ).stdout.strip()
     if worktree:
         files = subprocess.run(
@@ -93,7 +93,7 @@ def copy_tree(work: Path, worktree: bool) -> str:
             shutil.copy2(src, dst)
         head += "+worktree"
     else:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", head], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(work / "squeeze")], input=archive.stdout, check=True)
     (work / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return head
@@ -208,6 +208,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="default: build/mutate/FOLDER")
     parser.add_argument("--worktree", action="store_true", help="copy the working tree, not HEAD")
     parser.add_argument("--resume", action="store_true", help="reuse WORK's mutants and sample")
+    parser.add_argument("--rev", default="HEAD", help="the commit to mutate (default HEAD)")
     parser.add_argument(
         "--recheck",
         type=Path,
@@ -223,7 +224,14 @@ def main() -> int:
         last = json.loads((work / "summary.json").read_text())
         commit, source = last["commit"], last.get("source") or source_id(args.folder, last["commit"].split("+")[0])
     else:
-        commit = copy_tree(work, args.worktree)
+        rev = previous["commit"].split("+")[0] if previous else args.rev
+        commit = copy_tree(work, args.worktree, rev)
+        if previous:  # the earlier run's source, with this checkout's committed new tests
+            for name in FOLDERS[args.folder][1]:
+                if name.startswith("test_mut_"):
+                    text = subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:tests/{name}"], capture_output=True)
+                    if text.returncode == 0:
+                        (work / "squeeze" / "tests" / name).write_bytes(text.stdout)
         source = source_id(args.folder, commit.split("+")[0])
         if previous and previous["source"] != source:
             print("--recheck: the folder's source changed since that run; run it afresh", file=sys.stderr)
