@@ -14,7 +14,19 @@ import typer
 from rich.table import Table
 
 from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
-from squeeze.cli.options import CalibAlias, Data, Force, Json, OptionalOutput, Samples, SeqLen, TrustPickle, pick_data
+from squeeze.cli.options import (
+    CalibAlias,
+    Data,
+    Force,
+    Json,
+    MaxShardSize,
+    Offload,
+    OptionalOutput,
+    Samples,
+    SeqLen,
+    TrustPickle,
+    pick_data,
+)
 from squeeze.compress.errors import SqueezeError
 
 AmountHelp = "a share of the layers (0.5) or a count (2)"
@@ -97,6 +109,8 @@ def prune(
     force: Force = False,
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
+    offload: Offload = None,
+    max_shard_size: MaxShardSize = None,
 ) -> None:
     """Drop the attention / MLP sublayers or blocks that change the residual stream least.
 
@@ -118,11 +132,20 @@ def prune(
         raise SqueezeError("-o/--output is required (or pass --dry-run to see the scores only)")
     spec = data_spec(pick_data(data, calib), samples, seq_len)
 
-    from squeeze.compress.run import apply
+    from squeeze.compress.offload import route
 
     with progress() as bar:
-        done = apply(
-            ckpt, cfg, data=spec, out=output, dry_run=dry_run, force=force, trust_pickle=trust_pickle, progress=bar
+        done = route(
+            ckpt,
+            cfg,
+            offload=offload,
+            max_shard_size=max_shard_size,
+            data=spec,
+            out=output,
+            dry_run=dry_run,
+            force=force,
+            trust_pickle=trust_pickle,
+            progress=bar,
         )
     if dry_run:
         result, report, warnings = done.result or {}, None, done.warnings

@@ -13,7 +13,20 @@ from typing import Any
 import typer
 
 from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
-from squeeze.cli.options import CalibAlias, Data, Dtype, Force, Json, Output, Samples, SeqLen, TrustPickle, pick_data
+from squeeze.cli.options import (
+    CalibAlias,
+    Data,
+    Dtype,
+    Force,
+    Json,
+    MaxShardSize,
+    Offload,
+    Output,
+    Samples,
+    SeqLen,
+    TrustPickle,
+    pick_data,
+)
 
 
 def _config(**kw: Any):
@@ -50,6 +63,8 @@ def quantize(
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
     dtype: Dtype = None,
+    offload: Offload = None,
+    max_shard_size: MaxShardSize = None,
 ) -> None:
     """Quantize weights (and activations) post-training; writes integer weights + scales.
 
@@ -67,10 +82,21 @@ def quantize(
     )
     spec = data_spec(pick_data(data, calib), samples, seq_len)
 
-    from squeeze.compress.run import apply
+    from squeeze.compress.offload import route
 
     with progress() as bar:
-        new = apply(ckpt, cfg, data=spec, out=output, force=force, trust_pickle=trust_pickle, progress=bar, dtype=dtype)
+        new = route(
+            ckpt,
+            cfg,
+            offload=offload,
+            max_shard_size=max_shard_size,
+            data=spec,
+            out=output,
+            force=force,
+            trust_pickle=trust_pickle,
+            progress=bar,
+            dtype=dtype,
+        )
     report = new.manifest.ledger[-1]
     if as_json:
         print_json({"report": report, "output": str(output)})

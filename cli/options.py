@@ -36,6 +36,21 @@ Dtype = Annotated[
     typer.Option("--dtype", help="Storage dtype of the output: fp32, fp16 or bf16 (default: the input's own)."),
 ]
 
+Offload = Annotated[
+    bool | None,
+    typer.Option(
+        "--offload/--no-offload",
+        help="Out of core: one decoder layer's weights in memory at a time, shards written as layers "
+        "finish (default: automatically when the model's fp32 weights, twice, exceed 80% of available memory).",
+    ),
+]
+MaxShardSize = Annotated[
+    str | None,
+    typer.Option(
+        "--max-shard-size", help="Write the weights in Hugging Face shards of at most this size (500MB, 5GB)."
+    ),
+]
+
 
 def pick_data(data: str, calib: str | None, default: str = "builtin") -> str:
     """The value of ``--data``, or of its hidden alias ``--calib``; both, with different values, is a mistake."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,7 +40,13 @@ from torch import nn
 from squeeze.compress.families import Family
 
 Batch = dict[str, torch.Tensor]
-__all__ = ["Call", "Layerwise", "layer_calls", "record"]
+__all__ = ["LAYER_STREAM", "Call", "Layerwise", "layer_calls", "record"]
+
+#: Set by compress/offload.py for an out-of-core run: an object with ``model`` (the skeleton whose
+#: layers sit on the meta device), ``enter(i)`` (onload layer i's weights) and ``leave(i)`` (write
+#: and offload it). A walk over that model calls ``enter(i)`` before its body and ``leave(i)``
+#: once layer i has produced the inputs of layer i + 1; walks over other models ignore it.
+LAYER_STREAM: ContextVar[Any] = ContextVar("squeeze_layer_stream", default=None)
 
 
 @dataclass
@@ -138,6 +145,8 @@ class Layerwise:
                 f"teacher has {len(self._teacher.layers)} layers, student {len(self._student.layers)}: "
                 "a layer-by-layer walk pairs layer i with layer i"
             )
+        stream = LAYER_STREAM.get()
+        self._stream = stream if stream is not None and stream.model is model else None
         self.index = -1
         self._kept: list[torch.Tensor] | None = None
         self._teacher_out: list[torch.Tensor] | None = None
@@ -187,13 +196,19 @@ class Layerwise:
         n = len(self)
         for i in range(n):
             self.index, self._kept, self._teacher_out = i, None, None
+            if self._stream is not None:
+                self._stream.enter(i)
             yield i
             if i == n - 1:
+                if self._stream is not None:
+                    self._stream.leave(i)
                 break
             nxt = self._kept if self._kept is not None else self._student.run(i)
             if self._teacher is not None:
                 self._teacher.hidden = self.teacher_outputs()
             self._student.hidden = nxt
+            if self._stream is not None:
+                self._stream.leave(i)
         self._kept = self._teacher_out = None
 
 

@@ -41,6 +41,7 @@ from torch import nn
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for, model_class
 from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name, terminate_as_interrupt
+from squeeze.compress.shards import DEFAULT_MAX_SHARD_SIZE, save_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -527,8 +528,11 @@ def atomic_file(target: str | os.PathLike, *, force: bool = False) -> Iterator[P
         os.replace(tmp, target)
 
 
-def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write a checkpoint folder atomically; never overwrite without ``force``."""
+def save(
+    ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+) -> Path:
+    """Write a checkpoint folder atomically; never overwrite without ``force``. Weights above
+    ``max_shard_size`` bytes are written as Hugging Face shards (``shards.py``)."""
     check_output(out, [ckpt.source], force=force)  # callers check first, before the work; this is the floor
     with atomic_dir(out, force=force) as tmp:
         if ckpt.source is not None:
@@ -540,8 +544,8 @@ def save(ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False) -> Pa
             formats_ct.write(ckpt.model, ckpt.family, tmp / "config.json", tmp / WEIGHTS)
         else:
             write_config(ckpt.model, ckpt.family, ckpt.manifest.base.config, tmp / "config.json")
-            save_weights(ckpt.model, tmp / WEIGHTS)
-        manifest = ckpt.manifest.model_copy(update={"weights_sha256": sha256_of([tmp / WEIGHTS])})
+            save_model(ckpt.model, tmp, max_shard_size, save_weights)  # one file, or shards when large
+        manifest = ckpt.manifest.model_copy(update={"weights_sha256": sha256_of(weight_files(tmp)[0])})
         (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return Path(out)
 
