@@ -191,3 +191,28 @@ def test_refusals_say_why_in_full(tiny_dirs, name, kw, message):
     with pytest.raises(SqueezeError) as err:
         PrunePass(**kw).check(ckpt.family, [ckpt.model])
     assert str(err.value) == message
+
+
+def test_explicit_block_layers_remove_those_blocks(tiny_dirs):
+    ckpt = ck.load(tiny_dirs["vit"])
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
+    new = run_pass(PrunePass(block_layers=[1, 2]), [ckpt], ctx, measure_fidelity=False)
+    assert new.family.num_layers(new.model) == 2
+    assert new.manifest.edits[-1]["result"]["blocks"] == [1, 2]
+
+
+def test_counts_left_after_an_earlier_step(tiny_dirs):
+    """Sublayers an earlier step dropped are not candidates: asking for more than remain is refused."""
+    ckpt = ck.load(tiny_dirs["bert"])
+    ctx = PassContext(family=ckpt.family, checkpoint=ckpt, calibration=SPEC)
+    first = run_pass(PrunePass(attn_layers=[0, 1]), [ckpt], ctx, measure_fidelity=False)
+    with pytest.raises(SqueezeError) as err:
+        PrunePass(drop_attn=3).check(first.family, [first.model])
+    assert str(err.value) == "cannot drop 3 attention sublayers: only 2 remain (an earlier step dropped the others)"
+    PrunePass(drop_attn=2).check(first.family, [first.model])  # exactly what remains is fine
+    with pytest.raises(SqueezeError) as err:
+        PrunePass(drop_mlp=5).check(first.family, [first.model])
+    assert str(err.value) == "cannot drop 5 MLP sublayers: the model has only 4"
+    with pytest.raises(SqueezeError) as err:
+        PrunePass(mlp_layers=[5]).check(first.family, [first.model])
+    assert str(err.value) == "mlp_layers: layer index 5 out of range (the model has 4 layers: 0..3)"
