@@ -399,9 +399,13 @@ def _local(ref: str, base_dir: Path | None) -> str:
     return ref
 
 
+#: calibration sources that name data, not a file (calibration.py: DataSpec.source)
+NAMED_DATA = ("builtin", "synthetic", "wiki")
+
+
 def _resolve_paths(job: JobBase, base_dir: Path | None) -> JobBase:
     update: dict[str, Any] = {"model": _local(job.model, base_dir)}
-    if job.calibration is not None and job.calibration.source not in ("builtin", "synthetic"):
+    if job.calibration is not None and job.calibration.source not in NAMED_DATA:
         update["calibration"] = job.calibration.model_copy(update={"source": _local(job.calibration.source, base_dir)})
     steps = []
     for step in job.steps:
@@ -449,7 +453,7 @@ def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_ref
         if problem:
             errors.add(src.loc(("model",)), problem, point)
         spec = job.calibration
-        if spec is not None and spec.source not in ("builtin", "synthetic") and not Path(spec.source).exists():
+        if spec is not None and spec.source not in NAMED_DATA and not Path(spec.source).exists():
             errors.add(src.loc(("calibration", "source")), f"{spec.source}: no such data file or folder", point)
 
 

@@ -170,3 +170,21 @@ def test_image_calibration_goes_through_the_folders_image_processor(tmp_path, ti
     got = torch.cat([b["pixel_values"] for b in batches(load(folder), spec)])
     want = proc(images=list(images[:4]), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(got, want)
+
+
+def test_recipes_take_wiki_calibration_and_the_compressed_tensors_format(tmp_path, tiny_dirs):
+    from squeeze.compress.recipe import parse_recipe
+
+    text = f"""
+version: 1
+jobs:
+  - name: ct
+    model: {tiny_dirs["llama"]}
+    calibration: {{source: wiki, samples: 8}}
+    steps:
+      - quantize: {{weights: int4, activations: none, format: compressed-tensors}}
+"""
+    (tmp_path / "wiki").mkdir()  # a folder named like the source beside the recipe is not read
+    job = parse_recipe(text, filename="r.yaml", base_dir=tmp_path).jobs[0]
+    assert job.calibration.source == "wiki"
+    assert job.steps[0].config.format == "compressed-tensors"
