@@ -49,6 +49,11 @@ def quantize(
     block_size: int = typer.Option(64, "--block-size", help="bct: channels per block."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Quantize embedding tables (uint8)."),
     clip_steps: int = typer.Option(50, "--clip-steps", help="repquant static: dual-clipping optimisation steps."),
+    fc2_reparam: bool = typer.Option(
+        True,
+        "--fc2-reparam/--no-fc2-reparam",
+        help="repquant static: reparameterize the MLP output's input per channel (squeeze's extension).",
+    ),
     fmt: str = typer.Option(
         "squeeze",
         "--format",
@@ -78,6 +83,7 @@ def quantize(
         block_size=block_size,
         embeddings=embeddings,
         clip_steps=clip_steps,
+        fc2_reparam=fc2_reparam,
         format=fmt,
     )
     spec = data_spec(pick_data(data, calib), samples, seq_len)

@@ -21,11 +21,6 @@ from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass, onnx_
 from squeeze.compress.passes.quantize.modules import QuantEmbedding, QuantLinear
 
 FAMILIES = ("bert", "vit", "llama", "gpt2")
-COS_16BIT = 0.9995  # W16A16 vs float; measured 0.99985 (llama: eval activations beyond the calibrated range clip)
-W16_MAX_ABS = 1e-3  # weight-only int16 vs float, measured 2.8e-5 (llama logits)
-REL_16BIT = (
-    0.1  # max |diff| / max |float|, real tokens; measured 0.04 (llama: eval values beyond the calibrated range clip)
-)
 SPEC = DataSpec(samples=16, seq_len=32, batch_size=8, eval_samples=8)
 
 
@@ -48,25 +43,6 @@ def _quantize(folder, images=None, **cfg):
 def _outputs(ckpt, batch):
     (out,) = model_outputs(ckpt.model, ckpt.family, batch).values()
     return out
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_sixteen_bits_matches_the_float_model(name, tiny_dirs, images):
-    _ckpt, new, ctx = _quantize(tiny_dirs[name], images, weights="int16", activations="int16", clip_steps=5)
-    fid = new.manifest.ledger[-1]["fidelity"]
-    assert fid["cos_worst"] >= COS_16BIT, fid
-    assert any(isinstance(m, QuantLinear) for m in new.model.modules())
-    float_ckpt = load(tiny_dirs[name])
-    for batch in ctx.eval_batches():
-        with torch.no_grad():
-            ref = _outputs(float_ckpt, batch)
-            diff = (_outputs(new, batch) - ref).abs()
-        mask = batch.get("attention_mask")
-        if mask is not None and diff.ndim == 3:  # padding positions are clipped by design
-            diff, ref = diff[mask.bool()], ref[mask.bool()]
-        assert float(diff.max() / ref.abs().max()) <= REL_16BIT
-    _, weight_only, _ = _quantize(tiny_dirs[name], images, weights="int16", activations="none")
-    assert weight_only.manifest.ledger[-1]["fidelity"]["max_abs"] <= W16_MAX_ABS
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -49,6 +49,7 @@ class Scheme:
     alphas: tuple[float, ...]
     softmax: str  # logsqrt2 | uniform | float  (static only)
     seed: int = 0
+    fc2_reparam: bool = True  # static repquant: MLP output input per channel (squeeze's extension)
 
 
 def n_blocks(channels: int, block_size: int) -> int:
@@ -146,7 +147,12 @@ def _decide(group: G.Group, cap: Captured, scheme: Scheme, family: Family) -> G.
         dec.info = {"alpha": alpha, "err": round(errs[alpha], 6), "err_alpha0": round(errs.get(0.0, float("nan")), 6)}
         if alpha > 0:
             dec.r, dec.delta = r, torch.zeros_like(r)
-    elif scheme.method == "repquant" and scheme.act == "static" and group.name != "attn_out":
+    elif (
+        scheme.method == "repquant"
+        and scheme.act == "static"
+        and group.name != "attn_out"
+        and (group.name != "mlp_out" or scheme.fc2_reparam)
+    ):
         symmetric = rmsnorm and group.norm is not None
         rp, info = G.repquant_reparam(sample, weights, scheme.a_bits, scheme.clip_steps, symmetric, scheme.seed)
         dec.r, dec.delta, dec.a_scale, dec.a_zero, dec.info = rp.r, rp.delta, rp.scale, rp.zero, info

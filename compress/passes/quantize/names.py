@@ -32,6 +32,6 @@ def algorithm(method: str, act: str, gptq: bool) -> str:
     return method
 
 
-def extensions(method: str, act: str) -> list[str]:
+def extensions(method: str, act: str, fc2_reparam: bool = True) -> list[str]:
     """Steps of this run that go beyond the papers it is named after."""
-    return [MLP_OUT_EXTENSION] if method == "repquant" and act == "static" else []
+    return [MLP_OUT_EXTENSION] if method == "repquant" and act == "static" and fc2_reparam else []

@@ -69,6 +69,9 @@ class QuantizeConfig(PassConfig):
     block_size: int = Field(64, ge=8, le=4096)  # bct
     embeddings: bool = True  # quantize embedding tables (uint8), as quantize_dynamic does
     clip_steps: int = Field(50, ge=0, le=10_000)  # dual-clipping optimisation steps (static)
+    # static repquant: also reparameterize the MLP output linear's input per channel (squeeze's
+    # extension beyond RepQ-ViT; measured in benchmarks/results/quant_ablation.md)
+    fc2_reparam: bool = True
     alphas: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)  # smoothing strengths tried (dynamic)
     # static only; auto: log-sqrt2 for repquant up to 8 bits. Its levels are sqrt(2) apart at any
     # width (more bits only reach smaller probabilities), so above 8 bits a uniform grid is finer.
@@ -256,6 +259,7 @@ class QuantizePass(Pass):
             alphas=cfg.alphas,
             softmax=softmax,
             seed=seed,
+            fc2_reparam=cfg.fc2_reparam,
         )
 
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
@@ -289,7 +293,7 @@ class QuantizePass(Pass):
                     "softmax": scheme.softmax if self.config.static else None,
                     # what ran (issue 17): --method repquant with dynamic activations is smoothquant+gptq
                     "algorithm": names.algorithm(scheme.method, scheme.act, scheme.gptq),
-                    "extensions": names.extensions(scheme.method, scheme.act),
+                    "extensions": names.extensions(scheme.method, scheme.act, scheme.fc2_reparam),
                 },
                 "quantized_linears": n_lin,
                 "quantized_embeddings": len(result["embeddings"]),
