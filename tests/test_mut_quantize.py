@@ -76,3 +76,16 @@ def test_a_rule_for_every_width_loosening_as_bits_drop():
     assert rules[3].min_cosine == rules[2].min_cosine  # below 4 bits: the 4-bit bound, not stricter or none
     weight_only = ExportRule(**onnx_check.rule_for(4, "none", 16))
     assert weight_only.min_cosine > rules[0].min_cosine and weight_only.max_abs_ratio < rules[0].max_abs_ratio
+
+
+def test_auto_softmax_is_log_sqrt2_only_for_repquant_up_to_8_bits():
+    from squeeze.compress.passes.quantize import QuantizePass
+
+    def softmax(**kw) -> str:
+        return QuantizePass(**kw).scheme().softmax
+
+    assert softmax(activations="int8") == "logsqrt2"
+    assert softmax(activations="int8", method="minmax") == "uniform"
+    assert softmax(activations="int8", method="percentile") == "uniform"
+    assert softmax(weights="int8", activations="int16") == "uniform"  # log-sqrt2 is coarser above 8 bits
+    assert softmax(activations="int8", method="minmax", softmax="float") == "float"
