@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from bench_merge import BATCH, LR, VIT, accuracy, digits, logits_of, pixels, save_expert
 from common import ck, write_results
+from digits_vit import VIT, accuracy, digits, logits_of, save_expert, train
 
 from squeeze.cli.main import main as squeeze_main
 from squeeze.compress.calibration import DataSpec
@@ -58,33 +57,7 @@ FINETUNED = {
 }
 
 
-EPOCHS = 30
-
-
-def train(x: np.ndarray, y: np.ndarray, seed: int, mlp: int):
-    """A tiny ViT classifier trained from scratch (the merge benchmark's recipe, any MLP width)."""
-    import transformers as T
-
-    torch.manual_seed(seed)
-    cfg = T.ViTConfig(**{**VIT, "intermediate_size": mlp}, id2label={i: str(i) for i in range(10)},
-                      label2id={str(i): i for i in range(10)}, architectures=["ViTForImageClassification"])  # fmt: skip
-    model = T.ViTForImageClassification(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
-    steps = EPOCHS * -(-len(x) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
-    px, py = pixels(x), torch.from_numpy(y).long()
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(EPOCHS):
-        perm = torch.randperm(len(px), generator=g)
-        for i in range(0, len(px), BATCH):
-            idx = perm[i : i + BATCH]
-            loss = F.cross_entropy(model(pixel_values=px[idx]).logits, py[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+EPOCHS = 30  # the merge benchmark trains 40
 
 
 def run_cli(args: list[str]) -> dict:
@@ -106,7 +79,7 @@ class Bench:
     def model(self, seed: int, mlp: int = VIT["intermediate_size"]) -> Path:
         key = f"s{seed}-m{mlp}"
         if key not in self.folders:
-            model = train(self.xtr, self.ytr, seed, mlp)
+            model = train(self.xtr, self.ytr, seed, epochs=EPOCHS, mlp=mlp)
             self.folders[key] = save_expert(model, self.tmp / key)
         return self.folders[key]
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_merge import VIT, accuracy, digits, logits_of, pixels, save_expert, train
 from common import MINILM, RESULTS, THREADS, ck, export_fp32, latencies, write_results
+from digits_vit import VIT, accuracy, digits, logits_of, pixels, save_expert, train
 
 from squeeze.cli.main import main as squeeze_main
 from squeeze.compress.evaluate import ort_latency_ms, ort_session

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
+import squeeze.compress as ck  # noqa: E402, F401  (the benchmarks' ck.load (= run.load) and ck.save)
 from squeeze.compress.calibration import DataSpec, batches  # noqa: E402
 from squeeze.compress.evaluate import Reference, compare_outputs, ort_latency_ms, ort_session  # noqa: E402
 from squeeze.compress.export import export_onnx  # noqa: E402

@@ -114,9 +114,10 @@ def distill(
             raise SqueezeError(f"--data: {part}: no such file or folder")
     spec = data_spec(calib, 128, 128)
 
-    from squeeze.compress.checkpoint import load, save
+    from squeeze.compress.checkpoint import save
     from squeeze.compress.passes import PassContext, run_pass
     from squeeze.compress.passes.distill import DistillPass
+    from squeeze.compress.run import load
 
     source = load(student, trust_pickle=trust_pickle)
     pass_ = DistillPass(cfg)

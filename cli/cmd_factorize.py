@@ -12,14 +12,11 @@ from pathlib import Path
 import typer
 
 from squeeze.cli.common import (
-    console,
     data_spec,
     pass_config,
-    print_json,
-    progress,
-    report_table,
 )
 from squeeze.cli.options import Force, Json, Output, SeqLen, TrustPickle
+from squeeze.cli.pass_command import run_and_report
 from squeeze.compress.errors import SqueezeError
 
 
@@ -82,29 +79,18 @@ def factorize(
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     spec = data_spec("builtin", 128, seq_len)  # the fidelity measurement of the ledger
 
-    from squeeze.compress.checkpoint import save
-    from squeeze.compress.passes import PassContext, run_pass
     from squeeze.compress.passes.factorize import FactorizePass
-    from squeeze.compress.run import load
 
-    model = load(ckpt, trust_pickle=trust_pickle)
-    pass_ = FactorizePass(cfg)
-    pass_.check(model.family, [model.model])
-    with progress() as bar:
-        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
-        new = run_pass(pass_, [model], ctx)
-    save(new, output, force=force)
-    report = new.manifest.ledger[-1]
-    if as_json:
-        print_json({"report": report, "output": str(output)})
-        return
-    console.print(report_table(report))
-    m = report["metrics"]
-    console.print(
-        f"{m['factorized_linears']} linears at {m['linear_ratio']:.3f} of their bytes; relative weight "
-        f"error {m['init_error_mean']:.4f} (truncated SVD of equal bytes: {m['svd_error_mean']:.4f})"
+    def lines(report: dict) -> list[str]:
+        m = report["metrics"]
+        return [
+            f"{m['factorized_linears']} linears at {m['linear_ratio']:.3f} of their bytes; relative weight "
+            f"error {m['init_error_mean']:.4f} (truncated SVD of equal bytes: {m['svd_error_mean']:.4f})"
+        ]
+
+    run_and_report(
+        FactorizePass(cfg), ckpt, output, spec, force=force, trust_pickle=trust_pickle, as_json=as_json, lines=lines
     )
-    console.print(f"wrote {output}")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.cli.common import data_spec, pass_config
+from squeeze.cli.pass_command import run_and_report
 from squeeze.compress.errors import SqueezeError
 
 
@@ -67,24 +68,16 @@ def reparam(
     is_file = data not in ("auto", "builtin", "synthetic", "wiki", "spans") and "+" not in data
     spec = data_spec(data if is_file else "builtin", min(samples, 100_000), seq_len)
 
-    from squeeze.compress.checkpoint import load, save
-    from squeeze.compress.passes import PassContext, run_pass
-
-    model = load(ckpt, trust_pickle=trust_pickle)
-    pass_ = ReparamPass(cfg)
-    pass_.check(model.family, [model.model])
-    with progress() as bar:
-        ctx = PassContext(family=model.family, checkpoint=model, calibration=spec, progress=bar)
-        new = run_pass(pass_, [model], ctx)
-    save(new, output, force=force)
-    report = new.manifest.ledger[-1]
-    if as_json:
-        print_json({"report": report, "output": str(output)})
-        return
-    console.print(report_table(report))
-    for line in report["metrics"]["reparam"]["summary"]:
-        console.print(f"  - {line}")
-    console.print(f"wrote {output}")
+    run_and_report(
+        ReparamPass(cfg),
+        ckpt,
+        output,
+        spec,
+        force=force,
+        trust_pickle=trust_pickle,
+        as_json=as_json,
+        lines=lambda report: [f"  - {line}" for line in report["metrics"]["reparam"]["summary"]],
+    )
 
 
 def register(app: typer.Typer) -> None:

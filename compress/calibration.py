@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import Family, image_size
+from squeeze.compress.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +228,11 @@ def _packed(tok, texts: list[str], spec: DataSpec, split: str, warn) -> list[Bat
 def _synthetic_text(ckpt, spec: DataSpec, split: str) -> list[Batch]:
     cfg = ckpt.config
     g = torch.Generator().manual_seed(spec.seed + (0 if split == "calib" else 1))
-    seq = min(spec.seq_len, int(getattr(cfg, "max_position_embeddings", spec.seq_len) or spec.seq_len))
+    seq = min(spec.seq_len, ckpt.family.max_positions(cfg) or spec.seq_len)
     out = []
     for i in range(0, spec.samples, spec.batch_size):
         b = min(spec.batch_size, spec.samples - i)
-        ids = torch.randint(0, int(cfg.vocab_size), (b, seq), generator=g)
+        ids = torch.randint(0, ckpt.family.vocab_size(cfg), (b, seq), generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if "token_type_ids" in ckpt.family.model_inputs:
             batch["token_type_ids"] = torch.zeros_like(ids)
@@ -245,7 +245,7 @@ def _synthetic_text(ckpt, spec: DataSpec, split: str) -> list[Batch]:
 
 def _image_batches(ckpt, spec: DataSpec, split: str, warn) -> list[Batch]:
     cfg = ckpt.config
-    size, channels = image_size(cfg), int(cfg.num_channels)
+    channels, size = ckpt.family.image_shape(cfg)
     labels = None
     if spec.source in ("synthetic", "builtin"):
         warn(f"no image data given: using synthetic images for {split} (pass an .npz or an image folder)")

@@ -15,21 +15,18 @@ Output folder::
     tokenizer / processor files, copied over
 
 Loading a squeeze folder builds the *base* architecture from the manifest (not from
-config.json), replays every edit's ``restructure``, then loads the state dict strictly: a
-missing or unexpected key is an error, never a silent random init.
+config.json), replays every edit's ``restructure`` (through the ``replay`` its caller passes:
+``squeeze.compress.load`` gives the pass registry's), then loads the state dict strictly: a
+missing or unexpected key is an error, never a silent random init. Files on disk (references,
+weight checks, atomic writes, side files) are ``folders.py``; their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import json
 import logging
 import os
-import shutil
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -40,7 +37,22 @@ from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family, build_from_config, family_for, model_class
-from squeeze.compress.paths import absolute, check_output, side_files, sweep_stale, temp_name, terminate_as_interrupt
+from squeeze.compress.folders import (
+    MANIFEST,
+    SHARD_INDEX,
+    WEIGHTS,
+    atomic_dir,
+    atomic_file,
+    check_safetensors,
+    check_side_files,
+    check_size,
+    copy_side_files,
+    read_json,
+    resolve,
+    sha256_of,
+    weight_files,
+)
+from squeeze.compress.paths import check_output
 from squeeze.compress.shards import DEFAULT_MAX_SHARD_SIZE, save_model
 
 if TYPE_CHECKING:
@@ -48,22 +60,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "MANIFEST",
+    "SHARD_INDEX",
+    "WEIGHTS",
+    "BaseInfo",
+    "Checkpoint",
+    "Manifest",
+    "Replay",
+    "atomic_dir",
+    "atomic_file",
+    "check_safetensors",
+    "check_size",
+    "copy_side_files",
+    "describe",
+    "load",
+    "resolve",
+    "save",
+    "save_weights",
+    "sha256_of",
+    "squeeze_version",
+    "weight_files",
+]
+
 #: re-creates one manifest edit's structural change: (model, raw edit dict, family) -> model
 Replay = Callable[[nn.Module, dict, Family], nn.Module]
-
-MANIFEST = "squeeze.json"
-WEIGHTS = "model.safetensors"
-SHARD_INDEX = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".data")
-# step.json / original.json: a recipe run's completion marks, never carried into another folder
-_NOT_COPIED_NAMES = {"config.json", MANIFEST, SHARD_INDEX, "pytorch_model.bin.index.json", "step.json", "original.json"}
-# A manifest is data from a file: its base config is checked against these before a model is built
-# (a tampered ``num_hidden_layers: 1000000`` hung ``inspect``). Far above any model squeeze supports.
-MAX_LAYERS, MAX_WIDTH, MAX_VOCAB = 1024, 1 << 16, 1 << 22
-# A manifest's base may describe at most this many fp32 bytes per byte of weights on disk (pruning
-# and 4-bit quantization shrink a model ~8x below its base; 64x leaves room for both).
-MAX_BASE_BYTES_PER_DISK_BYTE = 64
 
 
 def squeeze_version() -> str:
@@ -141,189 +162,30 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------
-# Resolving references
-# --------------------------------------------------------------------------------------------
-
-
-def resolve(ref: str | os.PathLike) -> Path:
-    """Turn a model reference into a local folder: a path, ``pkg:NAME[/sub]`` or a hub id."""
-    text = str(ref)
-    if text.startswith("pkg:"):
-        name, _, sub = text[4:].partition("/")
-        spec = importlib.util.find_spec(name) if name else None
-        if spec is None or not spec.submodule_search_locations:
-            raise SqueezeError(f"{text}: no installed Python package named {name!r} (pip install it first)")
-        path = Path(next(iter(spec.submodule_search_locations))) / sub
-        if path.is_file() and path.suffix == ".gguf":  # a GGUF inside a package (gguf_input.py)
-            from squeeze.compress.gguf_input import folder_for
-
-            return folder_for(path)
-        if not path.is_dir():
-            raise SqueezeError(f"{text}: {path} is not a folder")
-        return path
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix == ".gguf":  # llama.cpp's format: de-quantized once into a cache folder
-            from squeeze.compress.gguf_input import folder_for
-
-            return folder_for(path)
-        if not path.is_dir():
-            raise SqueezeError(f"{text}: not a folder (pass the model folder, not a file)")
-        return path
-    if _looks_like_hub_id(text):
-        return _download(text)
-    raise SqueezeError(f"{text}: no such folder")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not text.startswith((".", "/", "~"))
-        and all(c.isalnum() or c in "-_." for c in "".join(parts))
-    )
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch a hub id when the network answers; offline, one clear line."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    hint = f"{repo_id} looks like a Hugging Face hub id, but squeeze works offline: download it first and pass the local folder"
-    if offline:
-        raise SqueezeError(hint + " (HF_HUB_OFFLINE is set)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"], etag_timeout=5)
-        )
-    except Exception as exc:
-        raise SqueezeError(f"{hint} ({type(exc).__name__})") from None
-
-
-# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SqueezeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SqueezeError(f"{path}: expected a JSON object")
-    return data
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or corrupt safetensors file before anything reads it."""
-    if not path.is_file():
-        raise SqueezeError(f"{path}: not a file (a folder or a device where weights should be)")
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except OSError as exc:
-        raise SqueezeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
-        raise SqueezeError(f"{path}: not a valid safetensors file ({exc})") from None
-    if 8 + n + end != size:
-        raise SqueezeError(
-            f"{path}: truncated or corrupt safetensors file ({size} bytes, header expects {8 + n + end})"
-        )
-
-
-def weight_files(folder: Path) -> tuple[list[Path], bool]:
-    """The weight files of a folder and whether they are pickles."""
-    single = folder / WEIGHTS
-    if single.exists() or single.is_symlink():
-        if not single.is_file():
-            raise SqueezeError(f"{single}: not a file (a folder or a broken link where weights should be)")
-        return [single], False
-    index = folder / SHARD_INDEX
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map", {})
-        if not isinstance(weight_map, dict) or any(
-            not isinstance(n, str) or Path(n).name != n for n in weight_map.values()
-        ):
-            raise SqueezeError(f"{index}: weight_map must map names to plain file names in the folder")
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if not names or missing:
-            raise SqueezeError(f"{index}: shard(s) missing: {', '.join(missing) or 'empty weight_map'}")
-        return [folder / n for n in names], False
-    other = sorted(folder.glob("*.safetensors"))
-    if len(other) == 1:
-        return other, False
-    pickles = [folder / n for n in PICKLE_NAMES if (folder / n).exists()]
-    if pickles:
-        return pickles, True
-    raise SqueezeError(f"{folder}: no weights found (expected {WEIGHTS} or {SHARD_INDEX})")
-
-
-def sha256_of(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def check_size(family: Family, config, files: list[Path], where: str) -> None:
-    """Refuse a config far larger than its weights before a model is built from it."""
-    try:
-        layers = int(config.num_hidden_layers)
-        width = family.hidden_size(config)
-        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
-        vocab = int(getattr(config, "vocab_size", 0) or 0)
-        inner = int(inner)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise SqueezeError(f"{where}: invalid config ({exc})") from None
-    for name, value, top in (
-        ("layers", layers, MAX_LAYERS),
-        ("hidden size", width, MAX_WIDTH),
-        ("intermediate size", inner, MAX_WIDTH * 8),
-        ("vocabulary", vocab, MAX_VOCAB),
-    ):
-        if not 0 <= value <= top:
-            raise SqueezeError(f"{where}: {name} {value} is out of bounds (0..{top})")
-    base_bytes = 4 * (layers * (4 * width * width + 2 * width * inner) + vocab * width)  # fp32, roughly
-    disk = sum(f.stat().st_size for f in files)
-    if base_bytes > MAX_BASE_BYTES_PER_DISK_BYTE * disk + (1 << 20):
-        raise SqueezeError(
-            f"{where}: describes a model of ~{base_bytes / 2**20:.0f} MB but the weights hold "
-            f"{disk / 2**20:.1f} MB; the config does not belong to these weights"
-        )
 
 
 def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay | None = None) -> Checkpoint:
     """Load a checkpoint (Hugging Face folder, ``pkg:`` reference or squeeze folder).
 
-    A squeeze folder's edits are replayed by ``replay(model, raw_edit, family) -> model``
-    (``passes.replay_edit``; ``squeeze.compress.load`` = ``run.load`` passes it, so this module
-    never imports a pass). Without it, the one late-bound import below finds it (kept for callers
-    of ``checkpoint.load``; tests/test_imports.py lists it).
+    A squeeze folder's edits are replayed by ``replay(model, raw_edit, family) -> model``, which
+    a squeeze folder requires (TypeError without it): ``squeeze.compress.load`` (``run.load``)
+    passes the pass registry's ``passes.replay_edit``, so this module never imports a pass.
+    Plain Hugging Face folders need no ``replay``.
     """
     folder = resolve(ref)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise SqueezeError(f"{folder}: no config.json, not a Hugging Face model folder")
-    side_files(folder, _NOT_COPIED_NAMES, _NOT_COPIED_SUFFIXES, _skip_side_dir)  # links checked before any work
+    check_side_files(folder)  # links checked before any work
     if (folder / MANIFEST).exists():
-        if replay is None:
-            from squeeze.compress.passes import replay_edit
-
-            replay = replay_edit
+        if replay is None:  # a bug in the caller, not a user mistake: keeps its traceback
+            raise TypeError(
+                f"{folder} is a squeeze folder: rebuilding it needs replay= (squeeze.compress.load passes it)"
+            )
         return _load_squeeze(folder, replay)
-    config_dict = _read_json(config_path)
+    config_dict = read_json(config_path)
     family = family_for(config_dict.get("model_type"))
     files, is_pickle = weight_files(folder)
     if is_pickle and not trust_pickle:
@@ -402,7 +264,7 @@ def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
     from transformers import AutoConfig
 
     try:
-        manifest = Manifest.model_validate(_read_json(folder / MANIFEST))
+        manifest = Manifest.model_validate(read_json(folder / MANIFEST))
     except SqueezeError:
         raise
     except Exception as exc:
@@ -474,60 +336,6 @@ def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
     return model.state_dict()[key].data_ptr() in ptrs
 
 
-# --------------------------------------------------------------------------------------------
-# Saving, atomically
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; rename it into place only on success.
-
-    An existing ``target`` is refused unless ``force``; an interrupted write leaves nothing (a
-    killed one leaves a hidden ``.NAME.tmp-PID`` that the next write to ``target`` removes).
-    """
-    target = Path(absolute(target))  # "-o ." must name the folder, not ""
-    if target.exists() and not force:
-        raise SqueezeError(f"{target} already exists; pass --force to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
-    tmp = temp_name(target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with terminate_as_interrupt():
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = temp_name(target, "old")
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Like :func:`atomic_dir` for one file."""
-    target = Path(absolute(target))
-    if target.exists() and not force:
-        raise SqueezeError(f"{target} already exists; pass --force to overwrite it")
-    if target.is_dir():
-        raise SqueezeError(f"{target}: is a folder; name a file to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
-    tmp = temp_name(target)
-    with terminate_as_interrupt():
-        try:
-            yield tmp
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, target)
-
-
 def save(
     ckpt: Checkpoint, out: str | os.PathLike, *, force: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
 ) -> Path:
@@ -570,19 +378,6 @@ def save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy tokenizer / processor / pooling files; never weights, configs, manifests or completion
-    marks; never a symlink's target outside the model folder (refused, see compress/paths.py)."""
-    for real, rel in side_files(src, _NOT_COPIED_NAMES, _NOT_COPIED_SUFFIXES, _skip_side_dir):
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(real, dst / rel)
-
-
-def _skip_side_dir(folder: Path) -> bool:
-    """Sub-folders that are not side files: caches, and other checkpoints (a run's step folders)."""
-    return folder.name == "__pycache__" or (folder / MANIFEST).exists()
-
-
 # --------------------------------------------------------------------------------------------
 # Inspection
 # --------------------------------------------------------------------------------------------
@@ -607,11 +402,11 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "architecture": type(ckpt.model).__name__,
         "params": count_params(ckpt.model),
         "layers": ckpt.family.num_layers(ckpt.model),
-        "heads": int(cfg.num_attention_heads),
-        "hidden_size": int(cfg.hidden_size),
+        "heads": ckpt.family.num_heads(cfg),
+        "hidden_size": ckpt.family.hidden_size(cfg),
         "kv_heads": ckpt.family.num_kv_heads(cfg),
-        "vocab_size": getattr(cfg, "vocab_size", None),
-        "max_positions": getattr(cfg, "max_position_embeddings", None),
+        "vocab_size": ckpt.family.vocab_size(cfg) or None,
+        "max_positions": ckpt.family.max_positions(cfg),
         "dtype": str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch."),  # as stored on disk
         "dtypes": dtypes,
         "bytes_in_memory": model_bytes(ckpt.model),

@@ -234,17 +234,17 @@ def _feed(batch: Batch, name: str) -> np.ndarray:
 
 def _latency_feeds(session, ckpt: Checkpoint, batch: int, seq_len: int) -> dict[str, np.ndarray]:
     """Fixed-shape inputs for the latency measurement (values do not change the work done)."""
-    cfg = ckpt.model.config
+    cfg, fam = ckpt.model.config, ckpt.family
     g = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():
         if inp.name == "pixel_values":
-            size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-            feeds[inp.name] = g.standard_normal((batch, int(cfg.num_channels), size, size)).astype(np.float32)
+            channels, size = fam.image_shape(cfg)
+            feeds[inp.name] = g.standard_normal((batch, channels, size, size)).astype(np.float32)
             continue
-        seq = min(seq_len, int(getattr(cfg, "max_position_embeddings", seq_len) or seq_len))
+        seq = min(seq_len, fam.max_positions(cfg) or seq_len)
         if inp.name == "input_ids":
-            feeds[inp.name] = g.integers(0, int(cfg.vocab_size), (batch, seq)).astype(np.int64)
+            feeds[inp.name] = g.integers(0, fam.vocab_size(cfg), (batch, seq)).astype(np.int64)
         elif inp.name == "attention_mask":
             feeds[inp.name] = np.ones((batch, seq), dtype=np.int64)
         else:

@@ -391,10 +391,10 @@ def _local(ref: str, base_dir: Path | None) -> str:
     """
     if base_dir is None or ref.startswith("pkg:") or Path(ref).expanduser().is_absolute():
         return ref
-    from squeeze.compress.checkpoint import _looks_like_hub_id
+    from squeeze.compress.folders import looks_like_hub_id
 
     cand = (base_dir / ref).resolve()
-    if cand.exists() or not (Path(ref).exists() or _looks_like_hub_id(ref)):
+    if cand.exists() or not (Path(ref).exists() or looks_like_hub_id(ref)):
         return str(cand)
     return ref
 
@@ -459,9 +459,9 @@ def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_ref
 
 def _missing(ref: str) -> str | None:
     """Why a model reference cannot be used, or None (hub ids are only checked when run)."""
-    from squeeze.compress.checkpoint import _looks_like_hub_id, resolve
+    from squeeze.compress.folders import looks_like_hub_id, resolve
 
-    if not ref.startswith("pkg:") and not Path(ref).expanduser().exists() and _looks_like_hub_id(ref):
+    if not ref.startswith("pkg:") and not Path(ref).expanduser().exists() and looks_like_hub_id(ref):
         return None
     try:
         folder = resolve(ref)

@@ -10,8 +10,9 @@ import torch
 from conftest import MINILM
 from tiny import build_tiny, make_tiny
 
+import squeeze.compress as ck  # load = run.load (replays squeeze folders), save = checkpoint.save
 from squeeze.cli.main import main
-from squeeze.compress import checkpoint as ck
+from squeeze.compress.checkpoint import SHARD_INDEX
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.passes import REGISTRY, Edit, Pass, PassConfig, PassContext, run_pass
@@ -69,7 +70,7 @@ def test_gpt2_tied_weights_survive(tiny_dirs, tmp_path):
 def test_sharded_safetensors(tmp_path):
     model = build_tiny("llama")
     model.save_pretrained(str(tmp_path / "sh"), max_shard_size="100KB")
-    assert (tmp_path / "sh" / ck.SHARD_INDEX).exists()
+    assert (tmp_path / "sh" / SHARD_INDEX).exists()
     loaded = ck.load(tmp_path / "sh")
     assert _same_state(model, loaded.model)
 

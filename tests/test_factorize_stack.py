@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from squeeze.cli.main import main
+from squeeze.compress import load, save
 from squeeze.compress.calibration import DataSpec
-from squeeze.compress.checkpoint import load, save
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.passes import PassContext, run_pass

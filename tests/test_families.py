@@ -33,9 +33,6 @@ def test_every_role_resolves(name):
                 assert isinstance(m, nn.Module), (name, role)
         for role in ("q", "k", "v") if fam.roles["qkv"] is None else ("qkv",):
             assert fam.is_linear(fam.role(layer, role)), (name, role)
-        norm_cls = nn.LayerNorm if fam.norm_kind == "layernorm" else type(fam.role(layer, "attn_norm"))
-        assert isinstance(fam.role(layer, "attn_norm"), norm_cls)
-        assert "RMSNorm" in type(fam.role(layer, "attn_norm")).__name__ or fam.norm_kind == "layernorm"
         hidden = model.config.hidden_size
         assert fam.linear_weight(fam.role(layer, "attn_out")).shape[0] == hidden
         assert fam.linear_weight(fam.role(layer, "mlp_out")).shape[0] == hidden
@@ -44,6 +41,31 @@ def test_every_role_resolves(name):
         assert isinstance(fam.final_norm_module(model), nn.Module)
     if fam.causal:
         assert isinstance(fam.head_module(model), nn.Linear)
+
+
+NORM_TOL = 1e-5  # a norm's output for x and for a shifted / scaled x: fp32, measured within 2e-6
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_norm_kind_is_what_the_norms_compute(name):
+    """``norm_kind`` and the norm roles name modules that normalise the way the table says:
+    LayerNorm subtracts the mean (its output ignores a constant shift), RMSNorm does not; both
+    ignore a positive scale. Folds and quantization choose their formulas by this field."""
+    torch.manual_seed(0)
+    fam = FAMILIES[name]
+    model = _build(name)
+    layer = fam.layers(model)[0]
+    norms = [fam.role(layer, "attn_norm"), fam.role(layer, "mlp_norm"), fam.final_norm_module(model)]
+    for norm in (n for n in norms if n is not None):
+        with torch.no_grad():
+            for p in norm.parameters():  # away from the initial 1 / 0 so the affine part counts
+                p.add_(torch.randn_like(p) * 0.1)
+        x = torch.randn(3, 7, model.config.hidden_size)
+        with torch.no_grad():
+            ref, shifted, scaled = norm(x), norm(x + 3.0), norm(x * 4.0)
+        torch.testing.assert_close(scaled, ref, atol=NORM_TOL, rtol=NORM_TOL)
+        ignores_shift = torch.allclose(shifted, ref, atol=NORM_TOL, rtol=NORM_TOL)
+        assert ignores_shift == (fam.norm_kind == "layernorm"), (name, type(norm).__name__)
 
 
 def test_linear_weight_is_out_in_for_conv1d():

@@ -10,8 +10,8 @@ import torch
 from tiny import build_tiny
 
 from squeeze.cli.main import main
+from squeeze.compress import load
 from squeeze.compress.calibration import DataSpec
-from squeeze.compress.checkpoint import load
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import family_for, permute_spaces, random_symmetry, weight_spaces
 from squeeze.compress.passes import Edit, PassContext, get_pass

@@ -2,8 +2,8 @@
 
 The graph holds every ``squeeze.*`` import a module can execute, at module level or inside a
 function (only ``if TYPE_CHECKING:`` blocks are left out), plus the implicit import of each
-parent package (``squeeze.compress.passes.base`` runs ``passes/__init__.py`` first). The one
-late-bound edge allowed is listed in :data:`LATE_BOUND` with its reason.
+parent package (``squeeze.compress.passes.base`` runs ``passes/__init__.py`` first). Late-bound
+edges allowed to point up would be listed in :data:`LATE_BOUND` with their reason; there are none.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"compress": "squeeze.compress", "kernels": "squeeze.kernels"}
 
-#: (importer, imported): ``checkpoint.load`` replays a squeeze folder's edits through the pass
-#: registry when its caller passes no ``replay`` (kept for callers of ``checkpoint.load``;
-#: ``squeeze.compress.load`` = ``run.load`` passes ``passes.replay_edit`` and never takes it).
-LATE_BOUND = {
-    ("squeeze.compress.checkpoint", "squeeze.compress.passes"),
-}
+#: (importer, imported) edges allowed to point up, each with its reason. Empty: ``checkpoint.load``
+#: takes the replay of a squeeze folder's edits from its caller (``run.load`` passes the pass
+#: registry's ``passes.replay_edit``), so no workshop module imports a pass.
+LATE_BOUND: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, Path]:

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from tiny import build_tiny
 
 from squeeze.cli.main import main
+from squeeze.compress import load
 from squeeze.compress.calibration import DataSpec
-from squeeze.compress.checkpoint import load
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.passes import PassContext, get_pass, run_pass

@@ -16,13 +16,13 @@ import torch
 import transformers
 from conftest import FAMILIES
 
+import squeeze.compress as ck  # load = run.load (replays squeeze folders), save = checkpoint.save
 from squeeze.cli.main import main
-from squeeze.compress import checkpoint as ck
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.evaluate import model_outputs
 from squeeze.compress.families import family_for
-from squeeze.compress.passes import REGISTRY, Edit, PassContext, run_pass
+from squeeze.compress.passes import Edit, PassContext, run_pass
 from squeeze.compress.passes.prune import (
     POST_LN_KEEP_NORM,
     Plan,
@@ -33,6 +33,7 @@ from squeeze.compress.passes.prune import (
     to_indices,
     to_mask,
 )
+from squeeze.compress.run import apply
 
 SPEC = DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4)
 S_ONE_TOL = 1e-6  # a zero o_proj gives h' == h bit for bit; cos(h, h) in fp32 measured within 6e-8 of 1
@@ -401,8 +402,19 @@ def test_cli_prune_dry_run_and_json(tiny_dirs, tmp_path, capsys):
     assert main([*args, "--drop-attn", "0.5"]) == 2  # no -o and no --dry-run
 
 
-def test_registry_and_recipe_step_name():
-    assert REGISTRY["prune"] is PrunePass and PrunePass.name == "prune"
+def test_the_name_prune_runs_this_pass(tiny_dirs):
+    """``prune`` (the CLI subcommand, the recipe step, the API key) reaches this pass: explicit
+    indices through the front door drop exactly those sublayers and record a ``prune`` edit."""
+    new = apply(str(tiny_dirs["llama"]), {"prune": {"attn_layers": [1], "mlp_layers": [0]}}, measure_fidelity=False)
+    fam = new.family
+    layers = fam.layers(new.model)
+    assert [i for i, layer in enumerate(layers) if fam.is_skipped(layer, "attn")] == [1]
+    assert [i for i, layer in enumerate(layers) if fam.is_skipped(layer, "mlp")] == [0]
+    edit = new.manifest.edits[-1]
+    assert edit["pass"] == "prune" and (edit["result"]["attention"], edit["result"]["mlp"]) == ([1], [0])
+
+
+def test_configs_replay_from_the_manifest():
     edit = Edit(pass_name="prune", config=PruneConfig(drop_attn=0.5).model_dump(mode="json"), result={})
     assert PruneConfig(**edit.config).drop_attn == 0.5  # configs replay from the manifest
     assert PruneConfig(drop_attn=1).drop_attn == 1 and isinstance(PruneConfig(drop_attn=1).drop_attn, int)

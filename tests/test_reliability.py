@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 
+import squeeze.compress as ck  # load = run.load (replays squeeze folders), save = checkpoint.save
 from squeeze.cli.main import main
-from squeeze.compress import checkpoint as ck
 from squeeze.compress import report
+from squeeze.compress.checkpoint import atomic_dir
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.paths import check_output
 
@@ -174,7 +175,7 @@ def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path):
         # as in a fresh `squeeze` process: pytest-xdist's worker has a SIGTERM handler of its own
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
-            with ck.atomic_dir(tmp_path / "out") as tmp:
+            with atomic_dir(tmp_path / "out") as tmp:
                 (tmp / "model.safetensors").write_bytes(b"half")
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(10)

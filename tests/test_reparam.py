@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import FAMILIES
 from torch import nn
 
+import squeeze.compress as ck  # load = run.load (replays squeeze folders), save = checkpoint.save
 from squeeze.cli.main import main
-from squeeze.compress import checkpoint as ck
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.distill import DistillConfig, distill
 from squeeze.compress.evaluate import model_outputs

@@ -123,9 +123,10 @@ class DistillPass(Pass):
 
     def load_teacher(self, ctx: PassContext, student: nn.Module):
         from squeeze.compress.checkpoint import load
+        from squeeze.compress.passes import replay_edit  # the registry: a teacher may be a squeeze folder
 
         ref = self.teacher_ref(ctx)
-        teacher = load(ref)
+        teacher = load(ref, replay=replay_edit)
         fam = ctx.family
         if teacher.family.name != fam.name:
             raise SqueezeError(f"teacher {ref} is a {teacher.family.name} model, the student a {fam.name} model")

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import Family, family_for, image_size
+from squeeze.compress.families import Family, family_for
 
 
 def _facts(model: nn.Module, family: Family) -> list[tuple[str, object]]:
@@ -26,9 +26,10 @@ def _facts(model: nn.Module, family: Family) -> list[tuple[str, object]]:
         ("layer count", family.num_layers(model)),
     ]
     if family.modality == "vision":
-        facts += [("image size", image_size(cfg)), ("channels", int(cfg.num_channels)), ("patch size", cfg.patch_size)]
+        channels, size = family.image_shape(cfg)
+        facts += [("image size", size), ("channels", channels), ("patch size", family.patch_size(cfg))]
     else:
-        facts.append(("vocabulary", int(cfg.vocab_size)))
+        facts.append(("vocabulary", family.vocab_size(cfg)))
     facts += [("head count", family.num_heads(cfg)), ("head count (key/value)", family.num_kv_heads(cfg))]
     if getattr(cfg, "num_labels", None) is not None and "Classification" in type(model).__name__:
         facts.append(("label count", int(cfg.num_labels)))

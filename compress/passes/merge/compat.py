@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import Family, family_for, image_size
+from squeeze.compress.families import Family, family_for
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def _name(i: int, names: list[str] | None) -> str:
 def _probe_inputs(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
     cfg: Any = model.config  # a transformers config: its attributes depend on the model
     if family.modality == "vision":
-        size = image_size(cfg)
-        return {"pixel_values": torch.zeros(1, int(cfg.num_channels), size, size)}
-    ids = torch.arange(1, _PROBE_LEN + 1).remainder(int(cfg.vocab_size))[None]
+        channels, size = family.image_shape(cfg)
+        return {"pixel_values": torch.zeros(1, channels, size, size)}
+    ids = torch.arange(1, _PROBE_LEN + 1).remainder(family.vocab_size(cfg))[None]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if "token_type_ids" in family.model_inputs:
         batch["token_type_ids"] = torch.zeros_like(ids)
@@ -70,12 +70,12 @@ def _config_facts(model: nn.Module, family: Family, kind: str) -> dict[str, Any]
     cfg: Any = model.config  # a transformers config: its attributes depend on the model
     facts: dict[str, Any] = {}
     if family.modality == "vision":
-        facts["image_size"] = image_size(cfg)
-        facts["num_channels"] = int(cfg.num_channels)
+        channels, facts["image_size"] = family.image_shape(cfg)
+        facts["num_channels"] = channels
         if kind == "last_hidden_state":
-            facts["patch_size"] = getattr(cfg, "patch_size", None)
+            facts["patch_size"] = family.patch_size(cfg)
     else:
-        facts["vocab_size"] = int(cfg.vocab_size)
+        facts["vocab_size"] = family.vocab_size(cfg)
     if kind == "last_hidden_state":
         facts["hidden_size"] = family.hidden_size(cfg)
     elif family.modality == "vision" or not family.causal:
