@@ -11,9 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from squeeze.compress import checkpoint as ck
+from squeeze.compress.calibration import DataSpec
+from squeeze.compress.passes import PassContext, run_pass
 from squeeze.compress.passes.base import ExportRule
+from squeeze.compress.passes.quantize import QuantizePass, onnx_check, uniform
 from squeeze.compress.passes.quantize import groups as G
-from squeeze.compress.passes.quantize import onnx_check, uniform
 from squeeze.compress.passes.quantize.uniform import Grid
 
 THIN_TOL = 0.25  # relative error of a 1-in-4 row sample vs all rows on iid data; measured 0.02-0.08
@@ -79,8 +82,6 @@ def test_a_rule_for_every_width_loosening_as_bits_drop():
 
 
 def test_auto_softmax_is_log_sqrt2_only_for_repquant_up_to_8_bits():
-    from squeeze.compress.passes.quantize import QuantizePass
-
     def softmax(**kw) -> str:
         return QuantizePass(**kw).scheme().softmax
 
@@ -89,3 +90,14 @@ def test_auto_softmax_is_log_sqrt2_only_for_repquant_up_to_8_bits():
     assert softmax(activations="int8", method="percentile") == "uniform"
     assert softmax(weights="int8", activations="int16") == "uniform"  # log-sqrt2 is coarser above 8 bits
     assert softmax(activations="int8", method="minmax", softmax="float") == "float"
+
+
+def test_family_warnings_reach_the_run(tiny_dirs):
+    """Dynamic repquant on grouped-query attention: the v-fold caveat is a warning of the run."""
+    ckpt = ck.load(tiny_dirs["llama"])
+    ctx = PassContext(
+        family=ckpt.family, checkpoint=ckpt, calibration=DataSpec(samples=4, seq_len=16, batch_size=4, eval_samples=4)
+    )
+    run_pass(QuantizePass(), [ckpt], ctx, measure_fidelity=False)
+    assert any(w.startswith("grouped-query attention shares v between heads") for w in ctx.warnings), ctx.warnings
+    assert None not in ctx.warnings
