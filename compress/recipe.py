@@ -43,10 +43,7 @@ Input should be less than or equal to 1 (got 2)``.
 
 from __future__ import annotations
 
-import copy
 import difflib
-import itertools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -70,12 +67,12 @@ from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, OPSETS
 from squeeze.compress.passes import REGISTRY, PassConfig
-from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose, has_path
+from squeeze.compress.recipe_paths import NAMED_DATA, missing, model_refs, resolve_paths
+from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose, has_path, merge, points, substitute
 
 EXPORT = "export"
 Scalar = bool | int | float | str
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$"  # job names become folder names
-_PLACEHOLDER = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +287,7 @@ def parse_recipe(
     origin: dict[str, str] = {}
     where: dict[str, tuple[int, dict]] = {}
     for r, raw_job in enumerate(top.jobs):
-        raw = _merge(top.defaults, raw_job)
+        raw = merge(top.defaults, raw_job)
         raw_matrix = raw.pop("matrix", None) or {}
         src = Source(r, raw_job, top.defaults)
         try:
@@ -300,9 +297,9 @@ def parse_recipe(
                 errors.add(src.loc(("matrix", *e["loc"])), _message(e))
             continue
         used: set[str] = set()
-        for point in _points(matrix):
+        for point in points(matrix):
             before = len(errors.found)
-            resolved = _substitute(raw, point, (), used, errors, src)
+            resolved = substitute(raw, point, (), used, errors, src)
             if len(errors.found) > before:  # an unknown placeholder: its type errors would only repeat it
                 continue
             if (
@@ -323,7 +320,7 @@ def parse_recipe(
                         loc = (*loc, tag)
                     errors.add(src.loc(loc), _message(e), point)
                 continue
-            job = _resolve_paths(job, base_dir)
+            job = resolve_paths(job, base_dir)
             if job.name in where:
                 errors.add(src.loc(("name",)), f"job name {job.name!r} is used twice (jobs[{where[job.name][0]}])")
             where[job.name] = (r, point)
@@ -334,94 +331,6 @@ def parse_recipe(
             errors.add(src.loc(("matrix", k)), f"matrix key {k!r} is never used: write ${{{k}}} where it goes")
     errors.raise_if_any()
     return Recipe(jobs=jobs, source=Path(filename) if base_dir is not None else None, origin=origin)
-
-
-# --------------------------------------------------------------------------------------------
-# Defaults, matrix, paths
-# --------------------------------------------------------------------------------------------
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def _points(matrix: dict[str, list]) -> list[dict[str, Any]]:
-    if not matrix:
-        return [{}]
-    keys = list(matrix)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(matrix[k] for k in keys))]
-
-
-def _substitute(value: Any, point: dict, path: tuple, used: set, errors: Errors, src: Source) -> Any:
-    if isinstance(value, dict):
-        return {k: _substitute(v, point, (*path, k), used, errors, src) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, point, (*path, i), used, errors, src) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
-    whole = _PLACEHOLDER.fullmatch(value)
-    if whole and whole.group(1):
-        name = whole.group(1)
-        if name not in point:
-            errors.add(src.loc(path), f"${{{name}}} is not a matrix key (matrix: {', '.join(point) or 'none'})")
-            return value
-        used.add(name)
-        return point[name]
-
-    def repl(m: re.Match) -> str:
-        if m.group(1) is None:
-            return "${"
-        if m.group(1) not in point:
-            errors.add(src.loc(path), f"${{{m.group(1)}}} is not a matrix key (matrix: {', '.join(point) or 'none'})")
-            return m.group(0)
-        used.add(m.group(1))
-        return str(point[m.group(1)])
-
-    return _PLACEHOLDER.sub(repl, value)
-
-
-def _local(ref: str, base_dir: Path | None) -> str:
-    """A relative path is resolved against the recipe's folder; pkg: refs and hub ids are kept.
-
-    A relative path found nowhere becomes the absolute path beside the recipe, so that the
-    error names the place squeeze looked.
-    """
-    if base_dir is None or ref.startswith("pkg:") or Path(ref).expanduser().is_absolute():
-        return ref
-    from squeeze.compress.folders import looks_like_hub_id
-
-    cand = (base_dir / ref).resolve()
-    if cand.exists() or not (Path(ref).exists() or looks_like_hub_id(ref)):
-        return str(cand)
-    return ref
-
-
-#: calibration sources that name data, not a file (calibration.py: DataSpec.source)
-NAMED_DATA = ("builtin", "synthetic", "wiki")
-
-
-def _resolve_paths(job: JobBase, base_dir: Path | None) -> JobBase:
-    update: dict[str, Any] = {"model": _local(job.model, base_dir)}
-    if job.calibration is not None and job.calibration.source not in NAMED_DATA:
-        update["calibration"] = job.calibration.model_copy(update={"source": _local(job.calibration.source, base_dir)})
-    steps = []
-    for step in job.steps:
-        refs = model_refs(step.config)
-        if refs:
-            cfg = step.config.model_copy(update={"others": [_local(r, base_dir) for r in refs]})
-            step = step.model_copy(update={step.pass_name: cfg})
-        steps.append(step)
-    update["steps"] = steps
-    return job.model_copy(update=update)
-
-
-def model_refs(config: PassConfig) -> list[str]:
-    """Extra model references of a multi-model pass (its ``others`` field, ``MultiModelConfig``)."""
-    refs = getattr(config, "others", None)
-    return [str(r) for r in refs] if isinstance(refs, (list, tuple)) else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,31 +354,16 @@ def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_ref
         if check_refs:
             key = "with" if has_path(src.job, ("steps", i, name, "with")) else "others"  # as the user wrote it
             for j, ref in enumerate(model_refs(step.config)):
-                problem = _missing(ref)
+                problem = missing(ref)
                 if problem:
                     errors.add(src.loc(("steps", i, name, key, j)), problem, point)
     if check_refs:
-        problem = _missing(job.model)
+        problem = missing(job.model)
         if problem:
             errors.add(src.loc(("model",)), problem, point)
         spec = job.calibration
         if spec is not None and spec.source not in NAMED_DATA and not Path(spec.source).exists():
             errors.add(src.loc(("calibration", "source")), f"{spec.source}: no such data file or folder", point)
-
-
-def _missing(ref: str) -> str | None:
-    """Why a model reference cannot be used, or None (hub ids are only checked when run)."""
-    from squeeze.compress.folders import looks_like_hub_id, resolve
-
-    if not ref.startswith("pkg:") and not Path(ref).expanduser().exists() and looks_like_hub_id(ref):
-        return None
-    try:
-        folder = resolve(ref)
-    except SqueezeError as exc:
-        return str(exc)
-    if not (folder / "config.json").exists():
-        return f"{ref}: no config.json, not a model folder"
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 PyYAML composes a node tree with start marks; we build plain Python data from it ourselves
 (safe scalars only, via the SafeLoader's constructors) and keep ``path -> line`` on the side.
 A mapping entry's line is its key's line; a list item's line is the item's first line.
+Also here: ``defaults`` merged under each job and a matrix's points substituted into it.
 Duplicate keys are errors (PyYAML would silently keep the last one, hiding a typo).
 
 A recipe is a file from anywhere, so loading it is bounded: its size (``MAX_BYTES``), the values
@@ -13,7 +14,10 @@ by the schema, their product was not). NaN and infinity are refused where they a
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,3 +222,56 @@ class Errors:
         shown = self.items[:MAX_ERRORS]
         more = f"\n  ... and {len(self.items) - MAX_ERRORS} more" if len(self.items) > MAX_ERRORS else ""
         raise SqueezeError(f"{len(self.items)} problems in the recipe:\n  " + "\n  ".join(shown) + more)
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults and matrices
+# --------------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``defaults`` under a job: mappings merge key by key, anything else is the job's own value."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def points(matrix: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of a matrix's values, as ``{name: value}`` (one empty point without one)."""
+    if not matrix:
+        return [{}]
+    keys = list(matrix)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(matrix[k] for k in keys))]
+
+
+def substitute(value: Any, point: dict, path: tuple, used: set, errors: Errors, src: Source) -> Any:
+    """``${name}`` replaced by the point's value (typed when it is the whole string), ``$${`` by ``${``;
+    unknown names are errors at their location; the names met go into ``used``."""
+    if isinstance(value, dict):
+        return {k: substitute(v, point, (*path, k), used, errors, src) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, point, (*path, i), used, errors, src) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    whole = _PLACEHOLDER.fullmatch(value)
+    if whole and whole.group(1):
+        name = whole.group(1)
+        if name not in point:
+            errors.add(src.loc(path), f"${{{name}}} is not a matrix key (matrix: {', '.join(point) or 'none'})")
+            return value
+        used.add(name)
+        return point[name]
+
+    def repl(m: re.Match) -> str:
+        if m.group(1) is None:
+            return "${"
+        if m.group(1) not in point:
+            errors.add(src.loc(path), f"${{{m.group(1)}}} is not a matrix key (matrix: {', '.join(point) or 'none'})")
+            return m.group(0)
+        used.add(m.group(1))
+        return str(point[m.group(1)])
+
+    return _PLACEHOLDER.sub(repl, value)
