@@ -1,6 +1,6 @@
 """``prune`` on the real all-MiniLM-L6-v2, and decode speed of a tiny Llama.
 
-    .venv/bin/python benchmarks/bench_prune.py
+    .venv/bin/python benchmarks/bench_prune.py [--ablation]
 
 MiniLM (6 layers), one-shot LLM-Drop ranking from one scoring of the unpruned model on the
 built-in calibration text (128 samples, <= 128 tokens):
@@ -16,17 +16,24 @@ built-in calibration text (128 samples, <= 128 tokens):
 
 Tiny Llama (8 layers, hidden 256, random weights): greedy decode tokens/s with the KV cache,
 before and after dropping half the attention layers, and the KV cache's size.
+
+``--ablation`` (results/prune_ablation.md): every layer of each kind dropped alone, the Spearman
+rank correlation between its score S and its measured fidelity loss, and the fidelity lost per
+unit of speed-up per kind (speed-ups from results/prune.json).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import sys
 import time
 
 import numpy as np
 import torch
-from common import MINILM, RESULTS, THREADS, ck, eval_batches, export_fp32, latency_feeds, write_results
+from common import MINILM, RESULTS, THREADS, eval_batches, export_fp32, latency_feeds, write_results
 
+import squeeze.compress as ck  # load (= run.load), Checkpoint
 from squeeze.compress.calibration import model_inputs
 from squeeze.compress.evaluate import (
     PeakMemory,
@@ -273,7 +280,106 @@ def table(m: dict, d: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- ablation (issue 17)
+
+KINDS = (("attention", "attn"), ("mlp", "mlp"), ("blocks", "block"))
+
+
+def ablation() -> dict:
+    """Each layer dropped alone (per kind), its measured fidelity loss against its LLM-Drop score S;
+    and fidelity lost per unit of speed-up per kind, from the speed-ups of results/prune.json."""
+    from scipy.stats import spearmanr
+
+    ckpt = ck.load(MINILM)
+    fam, model = ckpt.family, ckpt.model
+    ctx = PassContext(family=fam, checkpoint=ckpt)
+    scores = layer_scores(model, fam, ctx.calib_batches())
+    evalb = eval_batches(ckpt, 100)
+    ref = reference_outputs(model, fam, evalb)
+    n = len(scores["attn"])
+    single: dict[str, list[dict]] = {}
+    for kind, key in KINDS:
+        single[kind] = []
+        for i in range(n):
+            new = PrunePass.apply_plan(copy.deepcopy(model), Plan(num_layers=n, keep_norm=True, **{kind: [i]}), fam)
+            f = compare_outputs(ref, reference_outputs(new, fam, evalb))
+            single[kind].append({"layer": i, "S": round(scores[key][i], 4), "loss": round(1 - f["cos_mean"], 4)})
+            print(kind, single[kind][-1], flush=True)
+    corr = {}
+    for kind, _ in KINDS:
+        s, loss = [r["S"] for r in single[kind]], [r["loss"] for r in single[kind]]
+        rho, p = spearmanr(s, loss)
+        corr[kind] = {
+            "rho": round(float(rho), 3),
+            "p": round(float(p), 3),
+            "top_by_S": max(range(n), key=s.__getitem__),
+            "least_loss": min(range(n), key=loss.__getitem__),
+        }
+    both = single["attention"] + single["mlp"]  # the joint ranking pools the two kinds
+    rho, p = spearmanr([r["S"] for r in both], [r["loss"] for r in both])
+    corr["attention+mlp (joint)"] = {"rho": round(float(rho), 3), "p": round(float(p), 3)}
+    measured = json.loads((RESULTS / "prune.json").read_text())["minilm"]["rows"]
+    per_speedup = [
+        {
+            "drop": r["drop"],
+            "k": r["k"],
+            "loss": round(1 - r["cos_mean"], 4),
+            **{f"loss_per_speedup_b{b}": round((1 - r["cos_mean"]) / (r[f"speedup_b{b}"] - 1), 3) for b in (1, 8)},
+        }
+        for r in measured
+        if r["speedup_b1"] > 1 and r["speedup_b8"] > 1
+    ]
+    return {"scores": scores, "single": single, "spearman": corr, "loss_per_speedup": per_speedup}
+
+
+def ablation_table(a: dict) -> str:
+    lines = [
+        "# prune ablation on all-MiniLM-L6-v2: score vs measured loss, loss per unit of speed-up",
+        "",
+        "Command: `.venv/bin/python benchmarks/bench_prune.py --ablation`. Loss: 1 - cosine of the mean-pooled "
+        "embedding vs the original on 100 held-apart sentences (mean), the dropped sublayer's LayerNorm kept (the "
+        "default). S: the LLM-Drop score from the unpruned model (higher = dropped first).",
+        "",
+        "## Each layer dropped alone",
+        "",
+        "| kind | " + " | ".join(f"layer {i} S / loss" for i in range(len(a["scores"]["attn"]))) + " |",
+        "|---|" + "---|" * len(a["scores"]["attn"]),
+    ]
+    for kind, _ in KINDS:
+        lines.append(f"| {kind} | " + " | ".join(f"{r['S']:.4f} / {r['loss']:.4f}" for r in a["single"][kind]) + " |")
+    lines += [
+        "",
+        "Spearman rank correlation between S and the measured loss (a faithful score gives rho near -1: the "
+        "highest S loses least):",
+        "",
+        "| kind | rho | p | layer with the highest S | layer with the least loss |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, c in a["spearman"].items():
+        lines.append(
+            f"| {kind} | {c['rho']:.3f} | {c['p']:.3f} | {c.get('top_by_S', '-')} | {c.get('least_loss', '-')} |"
+        )
+    lines += [
+        "",
+        "## Fidelity lost per unit of speed-up (the paper's SDR: (1 - cos mean) / (speed-up - 1))",
+        "",
+        "Speed-ups: ONNX Runtime, the committed run of `bench_prune.py` (results/prune.json); lower is better.",
+        "",
+        "| dropped | loss | per speed-up b1 | per speed-up b8 |",
+        "|---|---|---|---|",
+    ]
+    for r in a["loss_per_speedup"]:
+        lines.append(
+            f"| {r['k']} {r['drop']} | {r['loss']:.4f} | {r['loss_per_speedup_b1']:.3f} | {r['loss_per_speedup_b8']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if "--ablation" in sys.argv[1:]:
+        a = ablation()
+        write_results("prune_ablation", a, ablation_table(a))
+        return
     start = time.perf_counter()
     m = minilm()
     d = tiny_llama_decode()
