@@ -1,4 +1,4 @@
-"""Tiny models of the families added for issue 14 (roberta, xlm-roberta, mpnet, distilbert, gemma),
+"""Tiny models of the families added for issue 14 (roberta, xlm-roberta, mpnet, distilbert, gemma, phi3),
 built offline from configs with fixed seeds, written as Hugging Face folders like tests/tiny.py."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ MORE = {
     "mpnet": ("bert", "MPNetModel"),
     "distilbert": ("bert", "DistilBertModel"),
     "gemma": ("llama", "GemmaForCausalLM"),
+    "phi3": ("llama", "Phi3ForCausalLM"),
 }
 
 
@@ -44,6 +45,20 @@ def tiny_config_more(name: str, layers: int = 4, hidden: int = 32):
             max_position_embeddings=256,
             bos_token_id=2,
             eos_token_id=3,
+        )
+    if name == "phi3":  # grouped-query attention: the fused qkv_proj's k and v are narrower than q
+        return T.Phi3Config(
+            **common,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=hidden * 2,
+            max_position_embeddings=256,
+            original_max_position_embeddings=256,
+            bos_token_id=2,
+            eos_token_id=3,
+            tie_word_embeddings=False,
         )
     raise ValueError(name)
 

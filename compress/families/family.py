@@ -140,10 +140,11 @@ class Family:
         if self.roles.get("qkv") is None:
             return tuple(self.as_linear(self.role(layer, r)) for r in ("q", "k", "v"))
         fused = cast(Any, self.role(layer, "qkv"))  # an nn.Linear or transformers' Conv1D
-        w = self.linear_weight(fused)  # (3 * d, d_in)
+        w = self.linear_weight(fused)  # (q + 2 * kv rows, d_in)
         b = fused.bias
+        sizes = self._qkv_rows(layer, w.shape[0])
         parts = []
-        for wi, bi in zip(w.chunk(3, dim=0), b.chunk(3) if b is not None else (None,) * 3):
+        for wi, bi in zip(w.split(sizes, dim=0), b.split(sizes) if b is not None else (None,) * 3):
             lin = nn.Linear(wi.shape[1], wi.shape[0], bias=bi is not None, dtype=wi.dtype)
             with torch.no_grad():
                 lin.weight.copy_(wi)
@@ -151,6 +152,14 @@ class Family:
                     lin.bias.copy_(bi)
             parts.append(lin)
         return tuple(parts)  # type: ignore[return-value]
+
+    def _qkv_rows(self, layer: nn.Module, rows: int) -> list[int]:
+        """Rows of q, k and v in a fused projection: thirds, or q larger under grouped-query
+        attention (phi3), in the ratio of the attention's query and key-value heads."""
+        cfg = getattr(self.role(layer, "attn"), "config", None)
+        heads, kv = (self.num_heads(cfg), self.num_kv_heads(cfg)) if cfg is not None else (1, 1)
+        kv_rows = rows * kv // (heads + 2 * kv)
+        return [rows - 2 * kv_rows, kv_rows, kv_rows]
 
     def pack_qkv(self, layer: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
         """Write three (out, in) projections back into the layer (fused or not)."""

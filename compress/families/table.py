@@ -221,7 +221,36 @@ GEMMA = Family(  # llama's roles; RMSNorm scales by (1 + weight) and the embeddi
     skip=skip_pre_norm,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, VIT, LLAMA, GPT2, MPNET, DISTILBERT, GEMMA)}
+PHI3 = Family(  # llama's layer with fused projections: qkv_proj (q, k, v rows) and gate_up_proj (gate, up rows)
+    name="phi3",
+    model_types=("phi3",),
+    modality="text",
+    causal=True,
+    default_class="Phi3ForCausalLM",
+    classes=("Phi3ForCausalLM", "Phi3Model"),
+    layers_path="layers",
+    roles={
+        "attn": "self_attn",
+        "mlp": "mlp",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+        "q": None,
+        "k": None,
+        "v": None,
+        "qkv": "self_attn.qkv_proj",
+        "attn_out": "self_attn.o_proj",
+        "mlp_in": ("mlp.gate_up_proj",),
+        "mlp_out": "mlp.down_proj",
+    },
+    norm_kind="rmsnorm",
+    norm_placement="pre",
+    embeddings=("embed_tokens",),
+    final_norm="norm",
+    head="lm_head",
+    skip=skip_pre_norm,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BERT, VIT, LLAMA, GPT2, MPNET, DISTILBERT, GEMMA, PHI3)}
 _BY_MODEL_TYPE: dict[str, Family] = {mt: f for f in FAMILIES.values() for mt in f.model_types}
 
 

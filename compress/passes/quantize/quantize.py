@@ -43,7 +43,7 @@ from squeeze.compress.passes.quantize import names
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("bert", "vit", "llama", "gpt2", "mpnet", "distilbert", "gemma")
+SUPPORTED = ("bert", "vit", "llama", "gpt2", "mpnet", "distilbert", "gemma", "phi3")
 _BITS = re.compile(r"^int(\d+)$")
 
 
