@@ -9,6 +9,7 @@ a rule exists for every supported width and loosens as the width drops.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from squeeze.compress import checkpoint as ck
@@ -101,3 +102,35 @@ def test_family_warnings_reach_the_run(tiny_dirs):
     run_pass(QuantizePass(), [ckpt], ctx, measure_fidelity=False)
     assert any(w.startswith("grouped-query attention shares v between heads") for w in ctx.warnings), ctx.warnings
     assert None not in ctx.warnings
+
+
+def test_bct_embedding_tables_get_one_range_per_block(tiny_dirs):
+    """BCT: each block of embedding columns has its own min/max range; other methods one per table."""
+    from squeeze.compress.passes.quantize.engine import quantize_embeddings
+    from squeeze.compress.passes.quantize.modules import QuantEmbedding
+
+    ckpt = ck.load(tiny_dirs["bert"])
+    fam, model = ckpt.family, ckpt.model
+    key, emb = next(iter(fam.embedding_tables(model)))
+    w = emb.weight.detach().float().clone()
+    grid = Grid(8, symmetric=False)
+    scheme = QuantizePass(weights="int8", activations="int8", method="bct", block_size=8).scheme()
+    spec = quantize_embeddings(model, fam, scheme)[key]
+    assert spec["blocks"] == w.shape[1] // 8 == 4
+    (table,) = [m for m in model.modules() if isinstance(m, QuantEmbedding) and m.qweight.shape == w.shape]
+    want = [uniform.params_from_range(c.min(), c.max(), grid)[0] for c in w.split(8, dim=1)]
+    assert torch.allclose(table.scale.float().reshape(-1), torch.stack(want))
+    assert len(set(table.scale.reshape(-1).tolist())) == 4
+
+    plain = ck.load(tiny_dirs["bert"])
+    spec = quantize_embeddings(plain.model, fam, QuantizePass(activations="int8", method="minmax").scheme())[key]
+    assert spec["blocks"] == 1
+
+
+def test_bad_bit_width_message():
+    with pytest.raises(ValueError) as err:
+        QuantizePass(weights="int1")
+    assert "weights: expected int2..int16 (int8, int6, int4), got 'int1'" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        QuantizePass(activations="int32")
+    assert "activations: expected int2..int16 (int8, int6, int4) or dynamic|none, got 'int32'" in str(err.value)
