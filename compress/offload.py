@@ -3,7 +3,7 @@
     from squeeze.compress import offload
     offload.apply("big-model/", {"quantize": {"weights": "int8"}}, out="big-int8", max_shard_size="2GB")
 
-* **Skeleton.** The architecture is built from config.json with every parameter on the meta
+* **Skeleton** (``layer_stream.py``). The architecture is built from config.json with every parameter on the meta
   device (buffers real: rotary tables, position ids). The tensors outside the transformer
   layers that a walk needs (embeddings, final norm) are read from the safetensors; the head is
   not (it is copied to the output at the end, tensor by tensor).
@@ -34,8 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,19 @@ import torch
 from torch import nn
 
 from squeeze.compress import dtypes
-from squeeze.compress.capture import LAYER_STREAM
 from squeeze.compress.checkpoint import (
     MANIFEST,
     BaseInfo,
     Checkpoint,
     Manifest,
     atomic_dir,
-    check_safetensors,
-    check_size,
     copy_side_files,
     resolve,
     sha256_of,
     weight_files,
 )
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import Family, build_from_config, family_for
+from squeeze.compress.layer_stream import LayerStream, Skeleton, entries, return_freed_memory, streaming
 from squeeze.compress.paths import check_output
 from squeeze.compress.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, SourceWeights, parse_size
 
@@ -71,7 +67,6 @@ PASSES: dict[str, bool] = {"quantize": True, "prune": False}
 MEMORY_FRACTION = 0.8
 #: fp32 bytes per parameter an in-memory run holds: the loaded model plus the pass's copy
 IN_MEMORY_BYTES_PER_PARAM = 8
-
 
 # --------------------------------------------------------------------------------------------
 # When
@@ -128,183 +123,6 @@ def wanted(offload: bool | None, ref: str | os.PathLike, pass_: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Skeleton and stream
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Every parameter registered inside is created on the meta device (buffers stay real)."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def _work(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.is_floating_point() else t
-
-
-def _entries(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, str, torch.Tensor]]:
-    """(state-dict name, owner, attribute, tensor) of every saved tensor, aliases dropped the way
-    safetensors' save_model drops them (the first name in sorted order stays)."""
-    by_tensor: dict[int, tuple[str, nn.Module, str, torch.Tensor]] = {}
-    for mname, mod in module.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
-        head = f"{mname}." if mname else ""
-        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is None or attr in mod._non_persistent_buffers_set:
-                continue
-            name = head + attr
-            if id(t) not in by_tensor or name < by_tensor[id(t)][0]:
-                by_tensor[id(t)] = (name, mod, attr, t)
-    return sorted(by_tensor.values(), key=lambda e: e[0])
-
-
-class Skeleton:
-    """A Hugging Face folder's model with its layers on the meta device; see the module docstring."""
-
-    def __init__(self, folder: Path):
-        from transformers import AutoConfig
-
-        files, is_pickle = weight_files(folder)
-        if is_pickle:
-            raise SqueezeError(f"{files[0]}: out of core reads safetensors only (single tensors); convert it first")
-        for f in files:
-            check_safetensors(f)
-        try:
-            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:
-            raise SqueezeError(f"{folder}/config.json: {exc}") from None
-        self.folder, self.files = folder, files
-        self.family: Family = family_for(config.model_type)
-        check_size(self.family, config, files, f"{folder}/config.json")
-        with _params_on_meta():
-            self.model = build_from_config(self.family, config)
-        stored = getattr(config, "dtype", None)
-        dtypes.set_storage(self.model, dtypes.stored_dtype(files, stored))
-        self.weights = SourceWeights(files)
-        #: (id(owner), attribute) -> the tensor's name in the source files
-        self.source: dict[tuple[int, str], str] = {}
-        for mname, mod in self.model.named_modules(remove_duplicate=False):
-            for attr in [*mod._parameters, *mod._buffers]:
-                self.source.setdefault((id(mod), attr), f"{mname}.{attr}" if mname else attr)
-        layer_ids = {id(t) for layer in self.family.layers(self.model) for t in layer.parameters()}
-        head = self.family.head_module(self.model)
-        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-        for _name, mod, attr, t in _entries(self.model):  # embeddings, norms: what a walk runs
-            if id(t) in layer_ids or (id(t) in head_ids and not self._shared(t, head)):
-                continue
-            self.onload(mod, attr)
-
-    def _shared(self, t: torch.Tensor, head: nn.Module) -> bool:
-        """Whether the head's tensor ``t`` is also held outside the head (tied embeddings)."""
-        inside = {id(m) for m in head.modules()}
-        return any(
-            any(x is t for x in [*m._parameters.values(), *m._buffers.values()])
-            for m in self.model.modules()
-            if id(m) not in inside
-        )
-
-    def source_name(self, mod: nn.Module, attr: str) -> str | None:
-        name = self.source.get((id(mod), attr))
-        return name if name is not None and name in self.weights else None
-
-    def onload(self, mod: nn.Module, attr: str) -> None:
-        """Read one tensor from the source into its place (tied owners see it: the object stays)."""
-        name = self.source_name(mod, attr)
-        old = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
-        if name is None:
-            if old is not None and old.device.type == "meta":
-                raise SqueezeError(f"{self.folder}: the weights have no tensor for {attr} of {type(mod).__name__}")
-            return
-        t = _work(self.weights.get(name))
-        if old is None or tuple(old.shape) != tuple(t.shape):
-            raise SqueezeError(f"{self.folder}: {name} has shape {tuple(t.shape)}, the config builds another")
-        if isinstance(old, nn.Parameter):
-            torch.utils.swap_tensors(old, nn.Parameter(t, requires_grad=old.requires_grad))
-        else:
-            mod._buffers[attr] = t
-
-
-class LayerStream:
-    """Onloads and offloads the skeleton's layers for ``capture.Layerwise`` (``LAYER_STREAM``).
-
-    ``peak_layers``: the most layers with materialized weights at any ``enter`` (the bound the
-    tests assert); ``entered``: how often each layer was onloaded.
-    """
-
-    def __init__(self, sk: Skeleton, writer: ShardWriter | None, *, write_on_leave: bool = False):
-        self.sk, self.model, self.writer, self.write_on_leave = sk, sk.model, writer, write_on_leave
-        self.entered: Counter[int] = Counter()
-        self.peak_layers = 0
-        self.written: set[tuple[int, str]] = set()  # (id(owner), attribute) already in the output
-        self._kept_buffers: dict[tuple[int, str], torch.Tensor] = {
-            (id(m), a): b.clone()
-            for layer in sk.family.layers(sk.model)
-            for m in layer.modules()
-            for a, b in m._buffers.items()
-            if b is not None and b.device.type != "meta"
-        }
-
-    def _layer(self, i: int) -> tuple[nn.Module, str]:
-        layer = self.sk.family.layers(self.model)[i]
-        name = next(n for n, m in self.model.named_modules() if m is layer)
-        return layer, name + "."
-
-    def materialized_layers(self) -> int:
-        return sum(
-            any(t.device.type != "meta" for t in [*layer.parameters(), *layer.buffers()])
-            for layer in self.sk.family.layers(self.model)
-        )
-
-    def enter(self, i: int) -> None:
-        layer, _ = self._layer(i)
-        for m in layer.modules():
-            for attr in [*m._parameters, *m._buffers]:
-                t = m._parameters.get(attr) if attr in m._parameters else m._buffers.get(attr)
-                if t is None:
-                    continue
-                if attr in m._buffers and self.sk.source_name(m, attr) is None and (id(m), attr) in self._kept_buffers:
-                    m._buffers[attr] = self._kept_buffers[(id(m), attr)].clone()
-                else:
-                    self.sk.onload(m, attr)
-        self.entered[i] += 1
-        self.peak_layers = max(self.peak_layers, self.materialized_layers())
-
-    def leave(self, i: int) -> None:
-        layer, prefix = self._layer(i)
-        if self.writer is not None and self.write_on_leave:
-            store = dtypes.storage_dtype(self.model)
-            for name, mod, attr, t in _entries(layer, prefix):
-                self.writer.add(name, t.detach().to(store) if t.dtype == dtypes.WORK else t.detach())
-                self.written.add((id(mod), attr))
-        layer.to("meta")
-
-    def finish(self) -> list[Path]:
-        """Write every tensor not written yet (from memory, or from the source when on meta)."""
-        assert self.writer is not None
-        store = dtypes.storage_dtype(self.model)
-        for name, mod, attr, t in _entries(self.model):
-            if (id(mod), attr) in self.written:
-                continue
-            if t.device.type == "meta":
-                src = self.sk.source_name(mod, attr)
-                if src is None:
-                    raise SqueezeError(f"out of core: {name} has no source tensor and was never computed")
-                t = _work(self.sk.weights.get(src))
-            self.writer.add(name, t.detach().to(store) if t.dtype == dtypes.WORK else t.detach())
-        return self.writer.close()
-
-
-# --------------------------------------------------------------------------------------------
 # Running a pass
 # --------------------------------------------------------------------------------------------
 
@@ -312,7 +130,7 @@ class LayerStream:
 def _counts(model: nn.Module) -> tuple[int, int]:
     """Parameters and in-memory bytes of the state (tied tensors once), meta tensors included."""
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    nbytes = sum(t.numel() * t.element_size() for _, _, _, t in _entries(model))
+    nbytes = sum(t.numel() * t.element_size() for _, _, _, t in entries(model))
     return params, nbytes
 
 
@@ -356,6 +174,7 @@ def apply(
         raise SqueezeError(f"{folder}: out of core reads Hugging Face folders, not squeeze folders (yet)")
     if not (folder / "config.json").exists():
         raise SqueezeError(f"{folder}: no config.json, not a Hugging Face model folder")
+    return_freed_memory()
     sk = Skeleton(folder)
     model, family = sk.model, sk.family
     if save_dtype is not None:
@@ -374,7 +193,7 @@ def apply(
     check_inputs(pass_, [ckpt], ctx)
     torch.manual_seed(seed)
     if dry_run:
-        with _streaming(LayerStream(sk, None)):
+        with streaming(LayerStream(sk, None)):
             result = pass_.preview([model], ctx)
         return Preview(pass_.name, pass_.config.model_dump(mode="json"), result_dump(result or {}), list(ctx.warnings))
     params_before, bytes_before = _counts(model)
@@ -383,7 +202,7 @@ def apply(
         copy_side_files(folder, tmp)
         stream = LayerStream(sk, ShardWriter(tmp, shard), write_on_leave=PASSES[pass_.name])
         start = time.perf_counter()
-        with PeakMemory() as mem, _streaming(stream):
+        with PeakMemory() as mem, streaming(stream):
             new = pass_.apply([model], ctx)
         seconds = time.perf_counter() - start
         files = stream.finish()
@@ -418,15 +237,6 @@ def apply(
 
         (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return Checkpoint(model=new, family=family, manifest=manifest, source=Path(out))
-
-
-@contextlib.contextmanager
-def _streaming(stream: LayerStream) -> Iterator[LayerStream]:
-    token = LAYER_STREAM.set(stream)
-    try:
-        yield stream
-    finally:
-        LAYER_STREAM.reset(token)
 
 
 def route(
