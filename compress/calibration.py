@@ -338,9 +338,10 @@ def processed_pixels(proc: Any, arrays: np.ndarray) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
     hi = float(x.max()) if x.numel() else 1.0
     x = (x * (1.0 if hi > 1.5 else 255.0 / max(hi, 1e-6))).clamp(0, 255)  # 0..255, as images are read
-    if x.shape[1] == 1:
+    mean = getattr(proc, "image_mean", None)
+    if x.shape[1] == 1 and (mean is None or np.size(mean) != 1):  # a one-channel processor keeps gray images
         x = x.expand(-1, 3, -1, -1)
-    images = [img.permute(1, 2, 0).round().to(torch.uint8).numpy() for img in x]  # (H, W, 3) uint8
+    images = [img.permute(1, 2, 0).round().to(torch.uint8).numpy() for img in x]  # (H, W, C) uint8
     return proc(images=images, return_tensors="pt")["pixel_values"].float()
 
 
