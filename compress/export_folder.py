@@ -15,49 +15,43 @@ tolerance):
   ``config.json``, ``generation_config.json``, tokenizer / processor files), which
   ``ORTModelForCausalLM.from_pretrained`` / ``ORTModelForFeatureExtraction`` read directly.
 
-A plain fp32 encoder export goes through ``export_onnx`` unchanged.
+* ``optimize``: ONNX Runtime's transformer fusions, by default for the encoders its optimizer
+  knows, with one line in the report whatever is decided (compress/export_fuse.py); a default
+  fused graph that fails validation is exported again unfused.
+
+A plain fp32 encoder export goes through ``export_onnx``; the other graphs through ``_export``
+(its steps: compress/export_steps.py). Both validate and report through compress/export_check.py.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-import torch
 
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.checkpoint import Checkpoint, copy_side_files
 from squeeze.compress.errors import SqueezeError, ValidationFailed
-from squeeze.compress.evaluate import model_outputs, ort_latency_ms, ort_session
 from squeeze.compress.export import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
-    ExportWrapper,
-    _torch_export,
     _validation_batches,
-    compare,
     export_onnx,
-    input_names,
 )
+from squeeze.compress.export_check import custom_ops, failure, judge, report_head, write_report
 from squeeze.compress.export_decoder import (
     NEW_TOKENS,
-    WITH_PAST,
-    export_with_past,
-    prefill_checks,
-    prompts,
     resolve_task,
-    validate_generation,
 )
-from squeeze.compress.export_graph import FUSABLE, fuse, save, share_tied_weights, to_fp16
-from squeeze.compress.passes.quantize.onnx_check import check as quant_check
+from squeeze.compress.export_fuse import Plan, eager_attention, fuse_file, plan
+from squeeze.compress.export_graph import save
+from squeeze.compress.export_steps import TORCHSCRIPT_MAX_OPSET, finish, reference_model, trace, validate
 from squeeze.compress.passes.quantize.onnx_check import validation_rule
 from squeeze.compress.paths import check_output
 
@@ -67,7 +61,6 @@ WEIGHTS = ("int4", "int8")
 # tiny gpt2 2.7e-4, tiny llama 4.0e-4 (fp16 rounding differs between the two runtimes)
 FP16_ATOL = 2e-2
 FP16_RTOL = 1e-2
-TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's last opset; higher ones are converted after
 MAX_OPSET = onnx.defs.onnx_opset_version()  # 28 with onnx 1.23; onnxruntime 1.32 ran every one of 21..28
 
 
@@ -119,40 +112,87 @@ def export_model(
     data: DataSpec | None = None,
     new_tokens: int = NEW_TOKENS,
     external: bool | None = None,
-    optimize: bool = False,
+    optimize: bool | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     **legacy: Any,
 ) -> dict[str, Any]:
     """Export ``ckpt`` to ``out`` (a ``.onnx`` file, or an Optimum-style folder); return the report.
 
-    ``legacy`` takes ``export_onnx``'s other options (target, exporter, plain, reference, latency).
+    ``optimize``: None fuses the encoders ONNX Runtime's optimizer knows (compress/export_fuse.py),
+    True insists (fails on others), False never fuses. ``legacy`` takes ``export_onnx``'s other
+    options (target, exporter, plain, reference, latency).
     """
     out = Path(out)
     _check(dtype, weights, block_size, opset, new_tokens, batch, seq_len, ckpt)
     kind = resolve_task(task, ckpt)
     folder = None if out.suffix == ".onnx" else out
     sources = [ckpt.source, getattr(legacy.get("reference"), "source", None)]
+    how = plan(
+        optimize, ckpt.family.name, ckpt.family.causal, kind, target=legacy.get("target", "ort"), weights=weights
+    )
     if folder is not None:  # an existing folder needs --force; its model.onnx is then replaced
         folder = check_output(folder, sources, force=force, kind="dir")
         force = True
     file = out if folder is None else folder / "model.onnx"
-    if optimize and (kind != "default" or ckpt.family.name not in FUSABLE or ckpt.family.causal):
-        raise SqueezeError(f"--optimize fuses encoder graphs ({', '.join(FUSABLE)}); not {ckpt.family.name} ({kind})")
+    opts = dict(dtype=dtype, weights=weights, block_size=block_size, opset=opset, atol=atol, rtol=rtol)
+    opts.update(batch=batch, seq_len=seq_len, data=data, new_tokens=new_tokens, external=external)
+    try:
+        report = _route(ckpt, file, folder, kind, how, force, sources, progress, opts, legacy)
+    except ValidationFailed as exc:
+        if not (how.on and how.auto) or _torch_nonfinite(file):  # NaN in PyTorch: not fusion's doing
+            raise
+        # the default's fused graph failed: the unfused graph, and the reason, recorded
+        note = f"not fused: the fused graph failed validation ({str(exc).split(' (report:')[0]}); written unfused"
+        report = _route(
+            ckpt, file, folder, kind, Plan(on=False, auto=True, note=note), True, sources, progress, opts, legacy
+        )
+    if folder is not None:
+        report["folder"] = write_side_files(ckpt, folder)
+        write_report(file, report)
+    return report
+
+
+def _torch_nonfinite(file: Path) -> bool:
+    """Whether the rejected export's report found non-finite values on PyTorch's side."""
+    import json
+
+    report = json.loads(file.with_name(file.name + ".report.json").read_text())
+    return any(c.get("nonfinite_torch") for c in report.get("validation", []))
+
+
+def _route(
+    ckpt: Checkpoint,
+    file: Path,
+    folder: Path | None,
+    kind: str,
+    how: Plan,
+    force: bool,
+    sources: list,
+    progress: Callable[[str, int, int], None] | None,
+    opts: dict[str, Any],
+    legacy: dict[str, Any],
+) -> dict[str, Any]:
+    """The plain fp32 encoder graph through ``export_onnx``; everything else through ``_export``."""
     plain_path = (
-        kind == "default" and dtype == "fp32" and weights is None and opset <= TORCHSCRIPT_MAX_OPSET and not optimize
+        kind == "default"
+        and opts["dtype"] == "fp32"
+        and opts["weights"] is None
+        and opts["opset"] <= TORCHSCRIPT_MAX_OPSET
     )
     if plain_path:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+        keys = ("opset", "batch", "seq_len", "data")
         report = export_onnx(
             ckpt,
             file,
-            opset=opset,
-            atol=atol or DEFAULT_ATOL,
-            rtol=rtol or DEFAULT_RTOL,
-            batch=batch,
-            seq_len=seq_len,
+            atol=opts["atol"] or DEFAULT_ATOL,
+            rtol=opts["rtol"] or DEFAULT_RTOL,
             force=force,
-            data=data,
+            optimize=how.on,
+            fuse_attention=how.attention,
+            progress=progress,
+            **{k: opts[k] for k in keys},
             **legacy,
         )
         report["task"] = "default"
@@ -174,23 +214,15 @@ def export_model(
             ckpt,
             file,
             kind=kind,
-            dtype=dtype,
-            weights=weights,
-            block_size=block_size,
-            opset=opset,
-            atol=atol,
-            rtol=rtol,
-            batch=batch,
-            seq_len=seq_len,
-            data=data,
-            new_tokens=new_tokens,
-            external=external,
-            optimize=optimize,
+            how=how,
             plain=bool(legacy.get("plain", False)),
             latency=bool(legacy.get("latency", True)),
+            progress=progress,
+            **opts,
         )
-    if folder is not None:
-        report["folder"] = write_side_files(ckpt, folder)
+    if how.note:  # what the plan decided, beside what fusing did
+        report["fusion"] = f"{report['fusion']}; {how.note}" if report.get("fusion") else how.note
+        write_report(file, report)
     return report
 
 
@@ -207,15 +239,12 @@ def write_side_files(ckpt: Checkpoint, folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _reference_model(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    return copy.deepcopy(model).half().eval() if dtype == "fp16" else model
-
-
 def _export(
     ckpt: Checkpoint,
     file: Path,
     *,
     kind: str,
+    how: Plan,
     dtype: str,
     weights: str | None,
     block_size: int,
@@ -227,12 +256,10 @@ def _export(
     data: DataSpec | None,
     new_tokens: int,
     external: bool | None,
-    optimize: bool,
     plain: bool,
     latency: bool,
+    progress: Callable[[str, int, int], None] | None,
 ) -> dict[str, Any]:
-    from squeeze.kernels.registry import finalize_onnx
-
     rule = validation_rule(ckpt.manifest)
     if dtype == "fp16" and rule is not None:
         raise SqueezeError("--dtype fp16 applies to float checkpoints; this one is quantized")
@@ -253,111 +280,43 @@ def _export(
                 f"(--activations none) by squeeze at <= {weights[3:]} bits"
             )
         rule = None  # the graph computes exactly the twin's dequantized weights
-    if optimize:  # the optimizer matches eager attention's pattern, not the fused SDPA call
-        model = copy.deepcopy(model) if model is ckpt.model else model
-        model.set_attn_implementation("eager")
-    reference = _reference_model(model, dtype)
+    report = report_head(file, ckpt, task=kind, dtype=dtype, weights=weights or "float", opset=opset)
+    report.update(exporter="torchscript", atol=atol, rtol=rtol, rule=rule or {"atol": atol, "rtol": rtol})
+    stages = ["tracing the model", "finishing the graph", "validating with ONNX Runtime", "done"]
+    tell = progress or (lambda label, done, total: None)
 
-    def judge(got: np.ndarray, want: np.ndarray, name: str) -> dict[str, Any]:
-        res = compare(name, got, want, atol, rtol)
-        if rule is not None and "error" not in res:
-            verdict = quant_check(got, want, rule)
-            res.update(ok=verdict["ok"], max_abs_ratio=verdict["max_abs_ratio"], rule=rule)
-        return res
+    def stage(what: str) -> None:
+        tell(f"export: {what}", stages.index(what), len(stages) - 1)
 
-    report: dict[str, Any] = {
-        "model": file.name,
-        "checkpoint": str(ckpt.source) if ckpt.source else None,
-        "family": ckpt.family.name,
-        "task": kind,
-        "dtype": dtype,
-        "weights": weights or "float",
-        "opset": opset,
-        "exporter": "torchscript",
-        "atol": atol,
-        "rtol": rtol,
-        "rule": rule or {"atol": atol, "rtol": rtol},
-    }
     file.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{file.stem}-", dir=file.parent))
     tmp = tmpdir / file.name
     start = time.perf_counter()
     try:
-        trace_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
-        inputs = _validation_batches(ckpt, batch, seq_len, data)
-        if kind == WITH_PAST:
-            layout = export_with_past(model, tmp, opset=trace_opset)
-        else:
-            names = input_names(ckpt)
-            output = next(iter(model_outputs(model, ckpt.family, inputs[0])))
-            wrapper = ExportWrapper(model, names, output, ckpt.family.causal).eval()
-            _torch_export(
-                wrapper,
-                tuple(inputs[0][n] for n in names),
-                names,
-                output,
-                tmp,
-                opset=trace_opset,
-                exporter="torchscript",
-                vision=ckpt.family.modality == "vision",
-            )
-        proto = finalize_onnx(onnx.load(str(tmp)), plain=plain)
-        if optimize:  # fuse first, quantize after fusion
-            onnx.save(proto, str(tmp))
-            cfg = ckpt.model.config
-            proto, report["fused"] = fuse(
-                tmp,
-                ckpt.family.name,
-                ckpt.family.num_heads(cfg),
-                ckpt.family.hidden_size(cfg),
-                keep_gather=registry is not None,
-            )
-        if registry is not None:
-            from squeeze.compress.export_nbits import rewrite
-
-            proto, report["nbits"] = rewrite(proto, registry)
-        proto, report["tied_bytes_saved"] = share_tied_weights(proto)
-        if dtype == "fp16":
-            proto = to_fp16(proto)
-        if opset > trace_opset:
-            from onnx import version_converter
-
-            proto = version_converter.convert_version(proto, opset)
-        for f in tmpdir.iterdir():
-            f.unlink()
-        files = save(proto, tmp, external=external)
-        report["export_seconds"] = round(time.perf_counter() - start, 3)
-        report["bytes"] = sum(f.stat().st_size for f in files)
-        report["files"] = [f.name for f in files]
-        report["custom_ops"] = sorted(
-            {f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
-        )
-        session = ort_session(tmp)
-        report["inputs"] = [i.name for i in session.get_inputs()]
-        report["outputs"] = [o.name for o in session.get_outputs()]
-        np_dtype = np.float16 if dtype == "fp16" else np.float32
-        if kind == WITH_PAST:
-            checks = prefill_checks(session, reference, inputs, judge)
-            ids, mask, pad = prompts(ckpt, seq_len, data)
-            gen = validate_generation(
-                session, reference, layout, ids, mask, pad, new=new_tokens, dtype=np_dtype, judge=judge
-            )
-            report.update(validation=checks, generation=gen, ok=gen["ok"] and all(c["ok"] for c in checks))
-            report["cache_slots"] = [len(s) for s in layout.slots]
-            report["latency_ms"] = gen["ort_ms_per_token"]
-        else:
-            wrapper = ExportWrapper(reference, names, output, ckpt.family.causal).eval()
-            checks = []
-            for inp in inputs:
-                got = session.run(None, {n: inp[n].numpy() for n in report["inputs"]})[0]
-                with torch.no_grad():
-                    want = wrapper(*(inp[n] for n in names)).float().numpy()
-                shape = "x".join(str(d) for d in inp[names[0]].shape)
-                checks.append({**judge(got.astype(np.float32), want, output), "shape": shape})
-            report.update(validation=checks, ok=all(c["ok"] for c in checks))
-            if latency:
-                feeds = {n: inputs[0][n].numpy() for n in report["inputs"]}
-                report["latency_ms"] = round(ort_latency_ms(session, feeds, warmup=3, runs=10), 3)
+        stage("tracing the model")
+        with eager_attention(model, how.on) as kept:  # traced and validated with the same attention
+            inputs = _validation_batches(ckpt, batch, seq_len, data)
+            graph = trace(ckpt, model, tmp, kind, inputs, opset=min(opset, TORCHSCRIPT_MAX_OPSET), plain=plain)
+            stage("finishing the graph")
+            if how.on:  # fuse first, quantize after fusion
+                onnx.save(graph.proto, str(tmp))
+                fused, report["fused"], line = fuse_file(
+                    tmp, ckpt.family, ckpt.model.config, attention=how.attention, keep_gather=registry is not None
+                )
+                report["fusion"] = f"{line}; {kept}" if kept else line
+                graph.proto = fused if fused is not None else graph.proto
+            proto = finish(graph.proto, report, registry, dtype, opset)
+            for f in tmpdir.iterdir():
+                f.unlink()
+            files = save(proto, tmp, external=external)
+            report["export_seconds"] = round(time.perf_counter() - start, 3)
+            report["bytes"] = sum(f.stat().st_size for f in files)
+            report["files"] = [f.name for f in files]
+            report["custom_ops"] = custom_ops(proto)
+            stage("validating with ONNX Runtime")
+            reference = reference_model(model, dtype)
+            prompt = (seq_len, data, new_tokens)  # the generation check's prompts and length
+            validate(ckpt, reference, graph, tmp, inputs, report, judge(atol, rtol, rule), dtype, latency, prompt)
         if report["ok"]:
             for f in files:
                 os.replace(f, file.parent / f.name)
@@ -368,22 +327,8 @@ def _export(
             report["rejected_model"] = rejected.name
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    file.with_name(file.name + ".report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(file, report)
+    stage("done")
     if not report["ok"]:
-        raise ValidationFailed(_failure(report, file))
+        raise ValidationFailed(failure(report, file))
     return report
-
-
-def _failure(report: dict[str, Any], file: Path) -> str:
-    gen = report.get("generation")
-    if all(c["ok"] for c in report["validation"]) and gen is not None and not gen["tokens_equal"]:
-        return (
-            f"validation failed: greedy tokens differ from transformers' generate at step "
-            f"{gen['first_mismatch_step']} of {gen['new_tokens']} (report: {file}.report.json)"
-        )
-    bad = next(c for c in report["validation"] + (gen or {}).get("checks", []) if not c["ok"])
-    detail = bad.get("error") or (
-        f"max abs {bad['max_abs']:.3g}, max rel {bad['max_rel']:.3g}, {bad['mismatched']}/"
-        f"{bad['elements']} elements beyond atol={report['atol']:g} rtol={report['rtol']:g}"
-    )
-    return f"validation failed: output '{bad['output']}' ({bad['shape']}): {detail} (report: {file}.report.json)"

@@ -143,12 +143,13 @@ FUSABLE = {"bert": "bert", "vit": "vit"}
 
 
 def fuse(
-    path: Path, family: str, num_heads: int, hidden_size: int, *, keep_gather: bool = False
+    path: Path, family: str, num_heads: int, hidden_size: int, *, keep_gather: bool = False, attention: bool = True
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """ONNX Runtime's transformer optimizer on the graph at ``path`` (exported with eager
     attention, the pattern it matches): fused Attention, SkipLayerNormalization, ... Returns the
     fused model and the counts of fused operators. ``keep_gather`` leaves the embedding lookup
-    out of EmbedLayerNormalization, so a blockwise-quantized table can replace it."""
+    out of EmbedLayerNormalization, so a blockwise-quantized table can replace it; ``attention``
+    False leaves the q/k/v MatMuls unfused (for MatMulNBits)."""
     import logging
 
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -157,6 +158,7 @@ def fuse(
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     options = FusionOptions(FUSABLE[family])
     options.enable_embed_layer_norm = not keep_gather
+    options.enable_attention = attention
     opt = optimize_model(
         str(path),
         model_type=FUSABLE[family],
@@ -167,4 +169,9 @@ def fuse(
         optimization_options=options,
     )
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-    return opt.model, stats
+    model = opt.model
+    domains = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node} - domains - {"ai.onnx"}):
+        # the optimizer leaves its contrib domain undeclared, which the version converter refuses
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return model, stats
