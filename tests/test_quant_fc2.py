@@ -125,3 +125,19 @@ def test_the_cli_flag_reaches_the_config(monkeypatch, tiny_dirs, tmp_path):
         assert main(argv) == 2
         assert seen.pop("cfg").fc2_reparam is want
     assert QuantizeConfig().fc2_reparam is True
+
+
+def test_the_recipe_field_reaches_the_config(tiny_dirs):
+    from squeeze.compress.recipe import parse_recipe
+
+    text = f"""
+version: 1
+jobs:
+  - name: q
+    model: {tiny_dirs["bert"]}
+    steps:
+      - quantize: {{activations: int8, fc2_reparam: false}}
+      - quantize: {{activations: int8}}
+"""
+    off, on = parse_recipe(text).jobs[0].steps
+    assert (off.config.fc2_reparam, on.config.fc2_reparam) == (False, True)
