@@ -134,3 +134,23 @@ def test_bad_bit_width_message():
     with pytest.raises(ValueError) as err:
         QuantizePass(activations="int32")
     assert "activations: expected int2..int16 (int8, int6, int4) or dynamic|none, got 'int32'" in str(err.value)
+
+
+DYNAMIC_MIN_COS = 0.9995  # tiny BERT, int8 dynamic smoothquant+gptq vs float: measured cos_mean 0.999985
+
+
+def test_dynamic_smoothing_folds_into_the_value_producer_exactly(tiny_dirs):
+    """BERT's attention output is smoothed by folding 1/r into the value projection (weights and
+    bias): the search picks alpha > 0 there, and the quantized model still matches the float one."""
+    ckpt = ck.load(tiny_dirs["bert"])
+    ctx = PassContext(
+        family=ckpt.family, checkpoint=ckpt, calibration=DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4)
+    )
+    new = run_pass(QuantizePass(), [ckpt], ctx, measure_fidelity=True)
+    entry = new.manifest.ledger[-1]
+    groups = entry["metrics"]["groups"] if isinstance(entry, dict) else entry.metrics["groups"]
+    fidelity = entry["fidelity"] if isinstance(entry, dict) else entry.fidelity
+    for i in range(4):
+        g = groups[f"{i}.attn_out"]
+        assert g["where"] == "producer" and g["alpha"] > 0 and g["err"] < g["err_alpha0"]
+    assert fidelity["cos_mean"] > DYNAMIC_MIN_COS, fidelity
