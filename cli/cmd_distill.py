@@ -20,7 +20,7 @@ from squeeze.cli.common import (
     print_json,
     report_table,
 )
-from squeeze.cli.options import DATA_HELP, Force, Json, Output, TrustPickle
+from squeeze.cli.options import DATA_HELP, Dtype, Force, Json, Output, TrustPickle
 from squeeze.compress.errors import SqueezeError
 
 
@@ -80,6 +80,7 @@ def distill(
     force: Force = False,
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
+    dtype: Dtype = None,
 ) -> None:
     """Train STUDENT toward its teacher (knowledge distillation); the structure stays, weights change."""
     layers = None
@@ -120,6 +121,9 @@ def distill(
     from squeeze.compress.run import load
 
     source = load(student, trust_pickle=trust_pickle)
+    from squeeze.compress import dtypes  # the result's storage dtype: --dtype, else the student's own
+
+    dtypes.set_storage(source.model, dtypes.parse(dtype) or dtypes.storage_dtype(source.model))
     pass_ = DistillPass(cfg)
     pass_.check(source.family, [source.model])
     metrics: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from squeeze.cli.common import (
     data_spec,
     pass_config,
 )
-from squeeze.cli.options import Force, Json, Output, SeqLen, TrustPickle
+from squeeze.cli.options import Dtype, Force, Json, Output, SeqLen, TrustPickle
 from squeeze.cli.pass_command import run_and_report
 from squeeze.compress.errors import SqueezeError
 
@@ -48,6 +48,7 @@ def factorize(
     force: Force = False,
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
+    dtype: Dtype = None,
 ) -> None:
     """Replace linears by a small dense D times a column-sparse S (y = D (S x) + b)."""
     from squeeze.compress.passes.factorize import FactorizeConfig
@@ -89,7 +90,15 @@ def factorize(
         ]
 
     run_and_report(
-        FactorizePass(cfg), ckpt, output, spec, force=force, trust_pickle=trust_pickle, as_json=as_json, lines=lines
+        FactorizePass(cfg),
+        ckpt,
+        output,
+        spec,
+        force=force,
+        trust_pickle=trust_pickle,
+        as_json=as_json,
+        lines=lines,
+        dtype=dtype,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
+from squeeze.cli.options import Dtype
 from squeeze.compress.errors import SqueezeError
 
 
@@ -34,6 +35,7 @@ def fuse(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle weights (weights_only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    dtype: Dtype = None,
 ) -> None:
     """Fuse models by aligning their neurons with optimal transport, then averaging (Imfeld et al., ICLR 2024)."""
     from squeeze.cli.cmd_merge import parse_weights
@@ -53,7 +55,7 @@ def fuse(
                       finetune_lr=finetune_lr)  # fmt: skip
     with progress() as bar:
         fused = apply(models[0], cfg, data=data_spec(data, samples, seq_len), out=output, force=force,
-                      trust_pickle=trust_pickle, progress=bar)  # fmt: skip
+                      trust_pickle=trust_pickle, progress=bar, dtype=dtype)  # fmt: skip
     report = fused.manifest.ledger[-1]
     if as_json:
         print_json(report)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from squeeze.cli.common import console, data_spec, pass_config, print_json, progress, report_table
-from squeeze.cli.options import CalibAlias, Data, Force, Json, Output, SeqLen, TrustPickle, pick_data
+from squeeze.cli.options import CalibAlias, Data, Dtype, Force, Json, Output, SeqLen, TrustPickle, pick_data
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.merge import MergeConfig
 
@@ -44,6 +44,7 @@ def merge(
     force: Force = False,
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
+    dtype: Dtype = None,
 ) -> None:
     """Merge models by averaging their logits (Growing Transformers): no router, no new weights.
 
@@ -64,6 +65,7 @@ def merge(
             force=force,
             trust_pickle=trust_pickle,
             progress=bar,
+            dtype=dtype,
         )
     report = merged.manifest.ledger[-1]
     if as_json:

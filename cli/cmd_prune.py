@@ -17,6 +17,7 @@ from squeeze.cli.common import console, data_spec, pass_config, print_json, prog
 from squeeze.cli.options import (
     CalibAlias,
     Data,
+    Dtype,
     Force,
     Json,
     MaxShardSize,
@@ -109,6 +110,7 @@ def prune(
     force: Force = False,
     trust_pickle: TrustPickle = False,
     as_json: Json = False,
+    dtype: Dtype = None,
     offload: Offload = None,
     max_shard_size: MaxShardSize = None,
 ) -> None:
@@ -146,6 +148,7 @@ def prune(
             force=force,
             trust_pickle=trust_pickle,
             progress=bar,
+            dtype=dtype,
         )
     if dry_run:
         result, report, warnings = done.result or {}, None, done.warnings

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from squeeze.cli.common import data_spec, pass_config
+from squeeze.cli.options import Dtype
 from squeeze.cli.pass_command import run_and_report
 from squeeze.compress.errors import SqueezeError
 
@@ -44,6 +45,7 @@ def reparam(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
     trust_pickle: Annotated[bool, typer.Option(help="Allow pickle weights (read with weights_only=True).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    dtype: Dtype = None,
 ) -> None:
     """Replace norms by RepBN progressively (distilled against the original), then fold them away."""
     from squeeze.compress.passes.reparam.reparam import ReparamConfig, ReparamPass
@@ -76,6 +78,7 @@ def reparam(
         force=force,
         trust_pickle=trust_pickle,
         as_json=as_json,
+        dtype=dtype,
         lines=lambda report: [f"  - {line}" for line in report["metrics"]["reparam"]["summary"]],
     )
 

@@ -23,12 +23,16 @@ def run_and_report(
     trust_pickle: bool,
     as_json: bool,
     lines: Callable[[dict[str, Any]], list[str]] = lambda report: [],
+    dtype: str | None = None,
 ) -> None:
-    """Apply ``pass_`` to ``model``, save to ``output``; print the ledger row and ``lines(row)``."""
+    """Apply ``pass_`` to ``model``, save to ``output`` (in ``dtype``, default the input's own);
+    print the ledger row and ``lines(row)``."""
     from squeeze.compress.run import apply
 
     with progress() as bar:
-        new = apply(model, pass_, data=spec, out=output, force=force, trust_pickle=trust_pickle, progress=bar)
+        new = apply(
+            model, pass_, data=spec, out=output, force=force, trust_pickle=trust_pickle, progress=bar, dtype=dtype
+        )
     assert isinstance(new, Checkpoint)  # not a dry run
     report = new.manifest.ledger[-1]
     if as_json:

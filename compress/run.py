@@ -145,12 +145,14 @@ def apply(
     if dry_run:
         result = preview(pass_, inputs, ctx, wraps=_wraps)
         return Preview(pass_.name, pass_.config.model_dump(mode="json"), result, list(ctx.warnings))
-    own = dtypes.storage_dtype(first.model)
-    dtypes.set_storage(first.model, save_dtype or own)  # the pass's copy inherits it; the input is restored
+    owns = [dtypes.storage_dtype(c.model) for c in inputs]
+    for c in inputs:  # the pass's copy inherits it (a fusion's from its anchor); the inputs are restored
+        dtypes.set_storage(c.model, save_dtype or owns[0])
     try:
         new = run_pass(pass_, inputs, ctx, measure_fidelity=measure_fidelity, wraps=_wraps)
     finally:
-        dtypes.set_storage(first.model, own)
+        for c, own in reversed(list(zip(inputs, owns))):
+            dtypes.set_storage(c.model, own)
     if out is not None:
         save(new, out, force=force)
     return new

@@ -112,3 +112,32 @@ def test_bf16_quantized_model_exports(tmp_path, name):
     assert (tmp_path / "q.onnx").exists() and report["validation"]
     assert all(check.get("ok", True) for check in report["validation"])
     assert dtypes.storage_dtype(q.model) == torch.bfloat16
+
+
+_TRAIN = ["--samples", "8", "--seq-len", "16"]
+#: every command that writes a checkpoint, with the cheapest arguments that run it on a tiny llama
+CLI_WRITERS = {
+    "prune": ["--drop-blocks", "1", "--samples", "8"],
+    "merge": ["{other}"],
+    "fuse": ["{other}", "--samples", "8", "--seq-len", "16"],
+    "distill": ["--data", "builtin", "--steps", "1", "--batch-size", "4", "--samples", "8", "--seq-len", "16"],
+    "factorize": ["--ratio", "0.5", "--iters", "1"],
+    "reparam": ["--steps", "1", "--data", "builtin", *_TRAIN],
+}
+
+
+@pytest.mark.parametrize("command", sorted(CLI_WRITERS))
+def test_every_checkpoint_command_saves_the_input_dtype_or_dtype(tmp_path, command):
+    """A bf16 llama stays bf16 through each command; ``--dtype fp32`` saves float32."""
+    from squeeze.cli.main import main
+
+    src = _half_folder(tmp_path, "llama", torch.bfloat16)
+    other = str(_half_folder(tmp_path, "llama", torch.bfloat16, seed=1))
+    args = [a.format(other=other) for a in CLI_WRITERS[command]]
+    runs = [("fp32", {"F32"})] + ([(None, {"BF16"})] if command in ("prune", "distill") else [])
+    for dtype, want in runs:
+        out = tmp_path / f"{command}-{dtype}"
+        assert main([command, str(src), *args, "-o", str(out), *(["--dtype", dtype] if dtype else [])]) == 0
+        floats = _stored(out) - {"I8", "U8", "I16", "I32", "I64"}
+        assert floats == want, (command, dtype, floats)
+        assert json.loads((out / "config.json").read_text())["dtype"] == ("float32" if dtype else "bfloat16")
