@@ -108,9 +108,17 @@ class Skeleton:
         self.weights = SourceWeights(files)
         #: (id(owner), attribute) -> the tensor's name in the source files
         self.source: dict[tuple[int, str], str] = {}
+        #: name -> every name of the same tensor (tied weights: the file holds one of them)
+        self.aliases: dict[str, list[str]] = {}
+        by_tensor: dict[int, list[str]] = {}
         for mname, mod in self.model.named_modules(remove_duplicate=False):
-            for attr in [*mod._parameters, *mod._buffers]:
-                self.source.setdefault((id(mod), attr), f"{mname}.{attr}" if mname else attr)
+            for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+                name = f"{mname}.{attr}" if mname else attr
+                self.source.setdefault((id(mod), attr), name)
+                if t is not None:
+                    by_tensor.setdefault(id(t), []).append(name)
+        for names in by_tensor.values():
+            self.aliases.update(dict.fromkeys(names, sorted(set(names))))
         layer_ids = {id(t) for layer in self.family.layers(self.model) for t in layer.parameters()}
         head = self.family.head_module(self.model)
         head_ids = {id(p) for p in head.parameters()} if head is not None else set()
@@ -130,7 +138,9 @@ class Skeleton:
 
     def source_name(self, mod: nn.Module, attr: str) -> str | None:
         name = self.source.get((id(mod), attr))
-        return name if name is not None and name in self.weights else None
+        if name is None:
+            return None
+        return next((n for n in [name, *self.aliases.get(name, [])] if n in self.weights), None)
 
     def onload(self, mod: nn.Module, attr: str) -> None:
         """Read one tensor from the source into its place (tied owners see it: the object stays)."""

@@ -176,3 +176,15 @@ def test_cli_offload_and_shard_size(sharded, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)["report"]
     assert code == 0 and "offload" not in report["metrics"] and report["fidelity"]  # in memory, measured
     assert len(weight_files(tmp_path / "p")[0]) > 1  # and still sharded
+
+
+def test_tied_head_and_single_file(tmp_path):
+    """GPT-2: the LM head is tied to the token embeddings (the file holds one name of the two),
+    Conv1D linears and a fused qkv; one model.safetensors in."""
+    src = make_tiny("gpt2", tmp_path / "gpt2")
+    config = {"quantize": {"weights": "int8"}}
+    mem = apply(str(src), config, data=DATA, out=tmp_path / "mem", measure_fidelity=False)
+    off = offload.apply(str(src), config, data=DATA, out=tmp_path / "off", max_shard_size=SHARD)
+    assert off.manifest.edits[-1]["result"] == mem.manifest.edits[-1]["result"]
+    assert_same_tensors(tmp_path / "mem", tmp_path / "off")
+    assert off.manifest.ledger[-1]["metrics"]["offload"]["peak_layers"] == 1
