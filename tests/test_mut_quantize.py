@@ -143,8 +143,12 @@ def test_dynamic_smoothing_folds_into_the_value_producer_exactly(tiny_dirs):
     """BERT's attention output is smoothed by folding 1/r into the value projection (weights and
     bias): the search picks alpha > 0 there, and the quantized model still matches the float one."""
     ckpt = ck.load(tiny_dirs["bert"])
+    seen: list[tuple[str, int, int]] = []
     ctx = PassContext(
-        family=ckpt.family, checkpoint=ckpt, calibration=DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4)
+        family=ckpt.family,
+        checkpoint=ckpt,
+        calibration=DataSpec(samples=8, seq_len=16, batch_size=4, eval_samples=4),
+        progress=lambda *a: seen.append(a),
     )
     new = run_pass(QuantizePass(), [ckpt], ctx, measure_fidelity=True)
     entry = new.manifest.ledger[-1]
@@ -154,3 +158,7 @@ def test_dynamic_smoothing_folds_into_the_value_producer_exactly(tiny_dirs):
         g = groups[f"{i}.attn_out"]
         assert g["where"] == "producer" and g["alpha"] > 0 and g["err"] < g["err_alpha0"]
     assert fidelity["cos_mean"] > DYNAMIC_MIN_COS, fidelity
+    # one walk over the layers, reported as it goes: O(L) layer forwards, one progress tick per layer
+    metrics = entry["metrics"] if isinstance(entry, dict) else entry.metrics
+    assert isinstance(metrics["layer_forwards"], int) and 4 <= metrics["layer_forwards"] <= 2 * 4
+    assert [t for t in seen if t[0] == "quantize layers"][-1] == ("quantize layers", 4, 4)
