@@ -48,7 +48,7 @@ def row(s: dict, equivalent: dict[str, str]) -> tuple[str, list[str]]:
     lo, hi = wilson(killed, s["checked"] - len(eq))
     score = killed / s["checked"] if s["checked"] else 0.0
     adjusted = killed / (s["checked"] - len(eq)) if s["checked"] - len(eq) else 0.0
-    sample = f"sample {s['sampled']} (seed {s['seed']})" if s["seed"] is not None else "all"
+    sample = f"sample, seed {s['seed']}" if s["seed"] is not None else "all"
     path = FOLDER_PATHS.get(s["folder"], f"compress/passes/{s['folder']}/")
     line = (
         f"| {path} | {s['mutants_total']} / {s['checked']} ({sample}) | {killed} | {s['survived']} | "
@@ -64,10 +64,14 @@ def row(s: dict, equivalent: dict[str, str]) -> tuple[str, list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--add", type=Path, nargs="*", default=[])
+    parser.add_argument("--first", type=Path, nargs="*", default=[], help="first-pass summaries (before new tests)")
     args = parser.parse_args()
     for path in args.add:
         folder = json.loads(path.read_text())["folder"]
         shutil.copyfile(path, RESULTS / f"mutation_{folder}.json")
+    for path in args.first:
+        folder = json.loads(path.read_text())["folder"]
+        shutil.copyfile(path, RESULTS / f"mutation_{folder}_first.json")
     equivalent: dict[str, str] = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     out = [
         "# Mutation testing (mutmut 3.8.1): scores per algorithm folder",
@@ -77,7 +81,9 @@ def main() -> int:
         "HEAD, the folder's tests only, `-x`, one child, one torch thread). Where a sample was drawn, the",
         "score is an estimate over that uniform random sample; the interval is Wilson's 95% interval.",
         "Score = killed / checked (no-tests mutants count as not killed); adjusted = killed / (checked -",
-        "survivors judged equivalent).",
+        "survivors judged equivalent). After tests/test_mut_<folder>.py was written, `sample.py --recheck`",
+        "re-ran that run's survivors on the same commit against the new tests only (a killed mutant stays",
+        "killed when tests are added); the first pass is given under each folder.",
         "",
         "| folder | mutants total / checked | killed | survived | no tests | timeouts | score | adjusted (95% CI) "
         "| equivalent survivors |",
@@ -97,6 +103,15 @@ def main() -> int:
             f"## {folder} (commit {summary['commit'][:10]}; {summary['not_sampled']} mutants not sampled)",
             "",
         ]
+        first = RESULTS / f"mutation_{folder}_first.json"
+        if first.exists():  # the same sample before tests/test_mut_<folder>.py was written
+            f = json.loads(first.read_text())
+            k = f["killed"] + f["timeout"]
+            extra.insert(
+                0,
+                f"- first pass, before tests/test_mut_{folder}.py: killed {k} / {f['checked']} = "
+                f"{k / f['checked']:.1%} ({f['survived']} survived, {f['no_tests']} no tests)",
+            )
         notes += extra or ["- every checked mutant was killed"]
     (RESULTS / "mutation.md").write_text("\n".join(out + notes) + "\n")
     print("\n".join(out))
