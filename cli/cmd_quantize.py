@@ -60,6 +60,9 @@ def quantize(
         help="squeeze, or compressed-tensors (int8/int4 weights plain transformers and vLLM load; "
         "--activations none or dynamic).",
     ),
+    target: str = typer.Option(
+        "ort", "--target", help="ort, or tensorrt: symmetric int8 Q/DQ (static W8A8) that TensorRT builds."
+    ),
     data: Data = "builtin",
     calib: CalibAlias = None,
     samples: Samples = 128,
@@ -83,6 +86,7 @@ def quantize(
         block_size=block_size,
         embeddings=embeddings,
         clip_steps=clip_steps,
+        target=target,
         fc2_reparam=fc2_reparam,
         format=fmt,
     )

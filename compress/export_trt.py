@@ -40,9 +40,11 @@ FIXES = {
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     out = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
+    for node in graph.node:  # in graph order: an Identity of a shared initializer follows it
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in out:  # the exporter's deduplicated constants
+            out[node.output[0]] = out[node.input[0]]
     return out
 
 

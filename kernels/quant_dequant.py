@@ -25,7 +25,9 @@ ONNX_OP = "QuantizeLinear+DequantizeLinear"
 
 def reference(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     z = zero.float()
-    q = torch.clamp(torch.round(x / scale) + z, 0.0, float(2**bits - 1))
+    # an int8 zero point is the signed grid QuantizeLinear saturates to (symmetric, TensorRT's)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if zero.dtype == torch.int8 else (0, 2**bits - 1)
+    q = torch.clamp(torch.round(x / scale) + z, float(lo), float(hi))
     return (q - z) * scale
 
 

@@ -25,7 +25,7 @@ from squeeze.compress.capture import Layerwise, record
 from squeeze.compress.families import Family
 from squeeze.compress.passes.quantize import attention as qattn
 from squeeze.compress.passes.quantize import groups as G
-from squeeze.compress.passes.quantize import reparam
+from squeeze.compress.passes.quantize import reparam, target
 from squeeze.compress.passes.quantize.modules import ChannelAffine, QuantEmbedding, QuantLinear
 from squeeze.compress.passes.quantize.uniform import Grid, minmax_range, params_from_range, quantize
 
@@ -49,6 +49,7 @@ class Scheme:
     alphas: tuple[float, ...]
     softmax: str  # logsqrt2 | uniform | float  (static only)
     seed: int = 0
+    signed_act: bool = False  # symmetric int8 activation quantizers (target tensorrt: target.py)
     fc2_reparam: bool = True  # static repquant: MLP output input per channel (squeeze's extension)
 
 
@@ -153,9 +154,11 @@ def _decide(group: G.Group, cap: Captured, scheme: Scheme, family: Family) -> G.
         and group.name != "attn_out"
         and (group.name != "mlp_out" or scheme.fc2_reparam)
     ):
-        symmetric = rmsnorm and group.norm is not None
+        symmetric = (rmsnorm and group.norm is not None) or scheme.signed_act
         rp, info = G.repquant_reparam(sample, weights, scheme.a_bits, scheme.clip_steps, symmetric, scheme.seed)
         dec.r, dec.delta, dec.a_scale, dec.a_zero, dec.info = rp.r, rp.delta, rp.scale, rp.zero, info
+        if scheme.signed_act:
+            dec.a_zero = target.signed_zero(dec.a_zero, scheme.a_bits)
     if dec.r is not None:
         if group.norm is not None:
             dec.where = "norm"
@@ -166,7 +169,10 @@ def _decide(group: G.Group, cap: Captured, scheme: Scheme, family: Family) -> G.
     if scheme.act in ("static", "block") and dec.a_scale is None:
         xt = x if dec.r is None else x / dec.r - dec.delta
         blocks = n_blocks(x.shape[1], scheme.block_size) if scheme.act == "block" else 1
-        dec.a_scale, dec.a_zero = G.static_range(xt, scheme.a_bits, scheme.method, blocks)
+        if scheme.signed_act:
+            dec.a_scale, dec.a_zero = target.signed_range(xt, scheme.a_bits, scheme.method)
+        else:
+            dec.a_scale, dec.a_zero = G.static_range(xt, scheme.a_bits, scheme.method, blocks)
     return dec
 
 
@@ -214,6 +220,7 @@ def _apply_group(
             "a_blocks": n_blocks(w.shape[1], scheme.block_size) if scheme.act == "block" else 1,
             "affine": group.name if affine is not None else None,
             "affine_shift": affine is not None and affine.shift is not None,
+            **({"a_signed": True} if scheme.signed_act else {}),
         }
         q = build_linear(spec, affine)
         q.set_weight(codes, scale, zero, b)
@@ -235,7 +242,18 @@ def build_linear(spec: dict[str, Any], affine: ChannelAffine | None) -> QuantLin
         a_bits=spec["a_bits"],
         a_blocks=spec["a_blocks"],
         affine=affine,
+        a_signed=spec.get("a_signed", False),
     )
+
+
+#: what choosing a group's input quantizer runs, by (method, activations): the progress sub-step
+_SEARCH = {("repquant", "dynamic"): "smoothing search", ("repquant", "static"): "dual clipping / ranges"}
+_SEARCH.update({(m, a): "activation ranges" for m in ("minmax", "percentile", "bct") for a in ("static", "block")})
+
+
+def _substep(step: Callable[[str, int, int], None], i: int, n: int, what: str) -> None:
+    """A sub-step of layer i: the progress line names it, the count stays the layer's."""
+    step(f"quantize layers: layer {i + 1}/{n}: {what}", i, n)
 
 
 def quantize_model(
@@ -261,16 +279,20 @@ def quantize_model(
         groups = [g for g in groups if all(family.is_linear(m) for m in g.modules)]  # DSLinears: factorize's int8
         if not groups:
             continue
+        _substep(step, i, len(layers), "capturing inputs")
         caps = capture_inputs(walk, {g.name: g.first for g in groups})
         specs: dict[str, Any] = {}
         for g in sorted(groups, key=lambda g: g.name != "attn_out"):  # attn_out first: it may fold into v
             if g.name not in caps:
                 continue
+            _substep(step, i, len(layers), f"{g.name}: {_SEARCH.get((scheme.method, scheme.act), 'inputs')}")
             dec = _decide(g, caps[g.name], scheme, family)
             decisions[f"{i}.{g.name}"] = {"where": dec.where, **dec.info}
+            _substep(step, i, len(layers), f"{g.name}: {'GPTQ' if scheme.gptq else 'rounding weights'}")
             specs.update(_apply_group(layer, g, dec, caps[g.name], scheme, family))
         result["linears"][str(i)] = specs
         if use_attn and not family.is_skipped(layer, "attn"):
+            _substep(step, i, len(layers), "attention calibration")
             core = family.attention_core(layer)
             st = qattn.AttnQuant(scheme.a_bits, scheme.softmax)
             core.add_module(qattn.CHILD, st)

@@ -83,6 +83,7 @@ class QuantLinear(nn.Module):
         a_bits: int = 8,
         a_blocks: int = 1,
         affine: ChannelAffine | None = None,
+        a_signed: bool = False,
     ):
         super().__init__()
         if in_features % w_blocks or in_features % a_blocks:
@@ -99,7 +100,8 @@ class QuantLinear(nn.Module):
             shape = () if act == "static" else (in_features,)
             self.register_buffer("a_scale", torch.ones(shape))
             # uint8 is ONNX's container; wider activations (tests at 16 bits) need int32
-            self.register_buffer("a_zero", torch.zeros(shape, dtype=torch.uint8 if a_bits <= 8 else torch.int32))
+            zdt = torch.int8 if a_signed else torch.uint8 if a_bits <= 8 else torch.int32  # int8: symmetric (TensorRT)
+            self.register_buffer("a_zero", torch.zeros(shape, dtype=zdt))
         self.affine = affine
 
     @property

@@ -39,7 +39,7 @@ from torch import nn
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
 from squeeze.compress.passes.base import Edit, ExportRule, Pass, PassConfig, PassContext, PassResult
-from squeeze.compress.passes.quantize import names
+from squeeze.compress.passes.quantize import names, target
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class QuantizeConfig(PassConfig):
     # static only; auto: log-sqrt2 for repquant up to 8 bits. Its levels are sqrt(2) apart at any
     # width (more bits only reach smaller probabilities), so above 8 bits a uniform grid is finer.
     softmax: Literal["auto", "logsqrt2", "uniform", "float"] = "auto"
+    # tensorrt: symmetric int8 Q/DQ (zero point 0) that TensorRT builds (compress/passes/quantize/target.py)
+    target: Literal["ort", "tensorrt"] = "ort"
     format: Literal["squeeze", "compressed-tensors"] = "squeeze"  # the folder's layout (compress/formats_ct.py)
 
     @field_validator("weights")
@@ -97,6 +99,7 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
+        target.check(self)
         if self.activations == "dynamic" and self.w_bits > 8:
             raise ValueError("dynamic activations run ORT's int8 kernels: weights must be int8 or fewer bits")
         if self.activations == "dynamic" and self.method == "bct":
@@ -266,8 +269,9 @@ class QuantizePass(Pass):
         from squeeze.compress.passes.quantize.engine import quantize_model
 
         model = models[0]  # a copy (run_pass), checked once before any work
-        scheme = self.scheme(ctx.seed)
+        scheme = target.adapt(self.scheme(ctx.seed), self.config)  # target tensorrt: signed, float attention
         warnings, notes = family_notes(ctx.family, cast(QuantizeConfig, self.config), model)
+        notes += target.notes(self.config)
         for w in warnings:
             ctx.warn(w)
         from squeeze.compress.passes.factorize import int8 as factorized
