@@ -1,16 +1,27 @@
 """``merge``: behaviour the mutation run of passes/merge found untested (issue 17).
 
-Refusals name the experts ("model 1", "model 2" when no names are given) and say what differs:
+A headless merge averages the pooler output too, reloads headless, reports its progress and
+whether the experts share an embedding (every expert compared). Refusals name the experts ("model 1", "model 2" when no names are given) and say what differs:
 the first differing tokenizer entry and how many differ, or the first differing sample text.
 """
 
 from __future__ import annotations
 
+import copy
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
 from tiny import build_tiny
 
+from squeeze.compress import checkpoint as ck
+from squeeze.compress import load
+from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.passes.merge.compat import _diff_hint, check_models
+from squeeze.compress.passes import PassContext, run_pass
+from squeeze.compress.passes.merge import MergePass
+from squeeze.compress.passes.merge.compat import _diff_hint, check_models, embeddings_identical
 
 
 def test_refusal_names_unnamed_models_from_one():
@@ -30,3 +41,42 @@ def test_diff_hint_says_what_differs():
     assert _diff_hint(samples_a, samples_b) == " (first sample: [CLS] th... vs [CLS] a ...)"
     assert _diff_hint(samples_a, list(samples_a)) == ""
     assert _diff_hint([], samples_b) == ""
+
+
+EVAL = DataSpec(eval_samples=4, seq_len=16, batch_size=4)
+
+
+def _second_bert(tiny_dirs, folder: Path) -> Path:
+    """Another tiny BERT (seed 1) with the session tiny BERT's tokenizer."""
+    build_tiny("bert", seed=1).save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_dirs["bert"] / name).exists():
+            shutil.copy(tiny_dirs["bert"] / name, folder / name)
+    return folder
+
+
+def test_headless_merge_averages_pooler_reloads_headless_and_reports(tiny_dirs, tmp_path):
+    a, b = ck.load(tiny_dirs["bert"]), ck.load(_second_bert(tiny_dirs, tmp_path / "b"))
+    seen: list[tuple[str, int, int]] = []
+    ctx = PassContext(family=a.family, calibration=EVAL, progress=lambda *x: seen.append(x))
+    new = run_pass(MergePass(), [a, b], ctx, measure_fidelity=False)
+    assert [t for t in seen if t[0] == "merge"] == [("merge", 0, 1), ("merge", 1, 1)]
+    assert new.manifest.ledger[-1]["metrics"]["embeddings_identical"] is False
+    batch = PassContext(family=a.family, checkpoint=a, calibration=EVAL).eval_batches()[0]
+    kw = {k: v for k, v in batch.items() if k in a.family.model_inputs}
+    with torch.no_grad():
+        oa, ob, om = a.model(**kw), b.model(**kw), new.model(**kw)
+    for name in ("last_hidden_state", "pooler_output"):
+        assert torch.allclose(getattr(om, name), 0.5 * getattr(oa, name) + 0.5 * getattr(ob, name), atol=1e-6)
+    back = load(ck.save(new, tmp_path / "merged"))
+    assert back.model.output == "last_hidden_state"
+    with torch.no_grad():
+        assert torch.equal(back.model(**kw).last_hidden_state, om.last_hidden_state)
+
+
+def test_embeddings_identical_compares_every_expert(tiny_dirs):
+    a = build_tiny("llama")
+    fam = ck.load(tiny_dirs["llama"]).family
+    assert embeddings_identical([a, copy.deepcopy(a)], fam)
+    assert not embeddings_identical([a, build_tiny("llama", seed=1)], fam)
+    assert not embeddings_identical([a, copy.deepcopy(a), build_tiny("llama", seed=1)], fam)
