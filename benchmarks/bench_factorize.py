@@ -19,11 +19,22 @@ held-apart built-in sentences (mean / worst). ONNX: size of the .onnx file, late
 fp32 export in a fresh process, interleaved (``compress/latency.py``), batch 1 and 8, 128 tokens.
 Stacking: (d) with D and the S values rounded to int8 (per row of D, per column of S) against
 int8 weights alone (per output channel, round to nearest), both weight-only PyTorch twins.
+
+    FACTORIZE_PART=stack .venv/bin/python benchmarks/bench_factorize.py   # -> results/factorize_stack.*
+
+The stack as real checkpoints at ``STACK_RATIO`` (50%): ``squeeze quantize`` (defaults: int8
+weights, dynamic activations) on the float model against the same quantize on the factorized one
+(init only, and + STF with ``STEPS`` + ``STEPS // 4`` steps), each saved (bytes on disk), exported
+(validated, ONNX size) and timed against the fp32 export; and ``--allocation error`` against
+uniform at the same budget (init only). The main table (parts (a)-(e)) is not re-run.
+``FACTORIZE_REUSE=1`` keeps the rows of the last stack run (``FACTORIZE_REDO=label,label`` re-runs
+those rows).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import tempfile
@@ -31,17 +42,20 @@ import time
 from pathlib import Path
 
 import torch
-from common import MINILM, ck, eval_batches, export_fp32, latency_feeds, write_results
+from common import MINILM, RESULTS, eval_batches, export_fp32, latency_feeds, write_results
 from torch import nn
 
-from squeeze.compress.checkpoint import Checkpoint
+from squeeze.compress.calibration import DataSpec
+from squeeze.compress.checkpoint import Checkpoint, save
 from squeeze.compress.distill import DistillConfig, distill
 from squeeze.compress.evaluate import compare_outputs, reference_outputs
 from squeeze.compress.export import export_onnx
 from squeeze.compress.latency import measure
-from squeeze.compress.passes import PassContext
+from squeeze.compress.passes import PassContext, run_pass
 from squeeze.compress.passes.factorize import DSLinear, FactorizeConfig, FactorizePass
 from squeeze.compress.passes.factorize.train import finetune, train_stf
+from squeeze.compress.passes.quantize import QuantizeConfig, QuantizePass
+from squeeze.compress.run import load
 from squeeze.compress.train_data import TrainSpec, training_batches, wiki_available
 
 torch.set_num_threads(1)
@@ -150,7 +164,7 @@ def export(model, base, path: Path) -> Path:
 
 
 def main() -> None:
-    base = ck.load(MINILM)
+    base = load(MINILM)
     fam = base.family
     ev = eval_batches(base, 100)
     ref = reference_outputs(base.model, fam, ev)
@@ -263,5 +277,131 @@ def main() -> None:
     write_results("factorize", raw, head + "\n".join(rows) + "\n" + tail)
 
 
+STACK_RATIO = float(os.environ.get("FACTORIZE_STACK_RATIO", "0.5"))
+STACK_ROWS = (
+    "fp32",
+    "int8 alone",
+    "DS init",
+    "DS init + int8",
+    "DS init + error allocation",
+    "DS + STF",
+    "DS + STF + int8",
+)
+
+
+def linear_bytes(model, fam) -> int:
+    """Stored bytes of the 36 targeted linears, bias excluded (as in the main table)."""
+    total = 0
+    for _, _, mod in targets(model, fam):
+        total += sum(t.nbytes for k, t in mod.state_dict().items() if not k.endswith("bias"))
+    return total
+
+
+def stack_main() -> None:
+    base = load(MINILM)
+    fam = base.family
+    ev = eval_batches(base, 100)
+    ref = reference_outputs(base.model, fam, ev)
+    lin0 = linear_bytes(base.model, fam)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-factorize-stack-"))
+    fp32 = export_fp32(base, tmp / "fp32.onnx")
+    feeds = {b: latency_feeds(base, b) for b in (1, 8)}
+    calib = DataSpec(source="builtin", samples=128, seq_len=128, batch_size=16)
+    rows: dict[str, dict] = {}
+    previous = RESULTS / "factorize_stack.json"
+    if os.environ.get("FACTORIZE_REUSE") and previous.exists():  # rows of the last run, except FACTORIZE_REDO
+        redo = set(os.environ.get("FACTORIZE_REDO", "").split(","))
+        for k, v in json.loads(previous.read_text())["rows"].items():
+            if k not in redo:
+                rows[k] = {**v, "latency": {int(b): r for b, r in v["latency"].items()}}
+
+    def need(*labels: str) -> bool:
+        return any(k not in rows for k in labels)
+
+    def record(label: str, ck_: Checkpoint, seconds: float, **extra) -> None:
+        if label in rows:  # reused from the last run
+            return
+        folder = save(ck_, tmp / label.replace(" ", "_"), force=True)
+        path = export(ck_.model, ck_, tmp / f"{label.replace(' ', '_')}.onnx")
+        lat = {b: 1.0 for b in feeds} if label == "fp32" else {}
+        for b, f in feeds.items() if not lat else ():
+            lat[b] = round(measure(path, f, reference=fp32)["latency_ratio"], 3)
+        rows[label] = {
+            "cos": fid(ck_.model, fam, ref, ev),
+            "linear_ratio": round(linear_bytes(ck_.model, fam) / lin0, 4),
+            "safetensors_bytes": (folder / "model.safetensors").stat().st_size,
+            "onnx_bytes": path.stat().st_size,
+            "latency": lat,
+            "seconds": round(seconds, 1),
+            **extra,
+        }
+        print(label, rows[label], flush=True)
+
+    def run(pass_, ckpt_):
+        t = time.perf_counter()
+        ctx = PassContext(family=fam, checkpoint=ckpt_, calibration=calib, seed=0)
+        return run_pass(pass_, [ckpt_], ctx, measure_fidelity=False), time.perf_counter() - t
+
+    if need("fp32"):
+        record("fp32", base, 0.0)
+    if need("int8 alone"):
+        q, sec = run(QuantizePass(QuantizeConfig()), base)
+        record("int8 alone", q, sec)
+    if need("DS init", "DS init + int8", "DS + STF", "DS + STF + int8"):
+        fac, sec = run(FactorizePass(FactorizeConfig(ratio=STACK_RATIO)), base)
+        record("DS init", fac, sec, init_error=fac.manifest.ledger[-1]["metrics"]["init_error_mean"])
+        if need("DS init + int8"):
+            q, sec = run(QuantizePass(QuantizeConfig()), fac)
+            record("DS init + int8", q, sec)
+    if need("DS init + error allocation"):
+        alloc, sec = run(FactorizePass(FactorizeConfig(ratio=STACK_RATIO, allocation="error")), base)
+        record(
+            "DS init + error allocation",
+            alloc,
+            sec,
+            init_error=alloc.manifest.ledger[-1]["metrics"]["init_error_mean"],
+            allocation=alloc.manifest.edits[-1]["result"]["allocation"],
+        )
+    if STEPS and need("DS + STF", "DS + STF + int8"):
+        src = "wiki" if wiki_available() else "builtin"
+        data = training_batches(base, TrainSpec(source=src, samples=max(256, STEPS * 8), seq_len=64, batch_size=8))
+        cfg = FactorizeConfig(
+            ratio=STACK_RATIO, stf_steps=STEPS, finetune_steps=STEPS // 4, stf_lr=LR, finetune_lr=LR / 2
+        )
+        t = time.perf_counter()
+        stf = Checkpoint(model=copy.deepcopy(fac.model), family=fam, manifest=fac.manifest, source=fac.source)
+        ctx = PassContext(family=fam, checkpoint=base, seed=0)
+        train_stf(stf.model, base.model, data, cfg, ctx)
+        finetune(stf.model, base.model, data, cfg, ctx)
+        record("DS + STF", stf, time.perf_counter() - t, data=src)
+        q, sec = run(QuantizePass(QuantizeConfig()), stf)
+        record("DS + STF + int8", q, sec)
+    rows = {k: rows[k] for k in STACK_ROWS if k in rows}
+    head = (
+        f"all-MiniLM-L6-v2, the 36 attention + MLP linears ({lin0 / 1e6:.1f} MB fp32) at {STACK_RATIO:.0%} of their "
+        f"bytes; int8 = `squeeze quantize` defaults (int8 weights, dynamic activations, repquant = smoothquant+gptq; "
+        f"DS layers: int8 D and S values, weight-only). STF: {STEPS} + {STEPS // 4} steps, lr {LR:g}. Cosine of the "
+        "mean-pooled embedding on 100 held-apart sentences; latency = graph / fp32 export (fresh process, "
+        "interleaved, 128 tokens).\n\n"
+        "| model | linear bytes | cos mean | cos worst | safetensors MB | ONNX MB | latency b1 | latency b8 |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {k} | {v['linear_ratio']:.3f} | {v['cos'][0]:.4f} | {v['cos'][1]:.4f} | {v['safetensors_bytes'] / 1e6:.1f} "
+        f"| {v['onnx_bytes'] / 1e6:.1f} | {v['latency'][1]:.2f} | {v['latency'][8]:.2f} |"
+        for k, v in rows.items()
+    ]
+    a, u = rows["DS init + error allocation"], rows["DS init"]
+    summary = a["allocation"]
+    tail = (
+        f"\n\nError allocation vs uniform at {STACK_RATIO:.0%} (init only): mean relative weight error "
+        f"{a['init_error']:.4f} vs {u['init_error']:.4f}; cost (sum of error^2 x weights) {summary['cost']:.4g} vs "
+        f"{summary['uniform_cost']:.4g} at {summary['measure_iters']} alternating steps.\n"
+    )
+    write_results(
+        "factorize_stack", {"ratio": STACK_RATIO, "steps": STEPS, "rows": rows}, head + "\n".join(lines) + tail
+    )
+
+
 if __name__ == "__main__":
-    main()
+    stack_main() if os.environ.get("FACTORIZE_PART") == "stack" else main()
