@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
-from squeeze.compress.families import Family, build_from_config, family_for, model_class
+from squeeze.compress.families import Family, base_class, build_from_config, family_for, model_class
 from squeeze.compress.folders import (
     MANIFEST,
     SHARD_INDEX,
@@ -222,10 +222,10 @@ def _hf_config(folder: Path):
         raise SqueezeError(f"{folder}/config.json: {exc}") from None
 
 
-def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors: bool) -> nn.Module:
+def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors: bool, cls: Any = None) -> nn.Module:
     config = _hf_config(folder)
     check_size(family, config, weight_files(folder)[0], f"{folder}/config.json")
-    cls = model_class(family, config)
+    cls = cls or model_class(family, config)
     try:
         # ignore_mismatched_sizes: a mismatch lands in ``info`` and is reported below in our words
         # (transformers' own error ends "look at the above report!", with nothing above).
@@ -246,6 +246,11 @@ def _load_hf(folder: Path, family: Family, config_dict: dict, *, use_safetensors
         raise SqueezeError(f"{folder}: could not load weights ({type(exc).__name__}: {first})") from None
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
     mismatched = info.get("mismatched_keys", [])
+    base = base_class(family, config)
+    if missing and not mismatched and cls is not base:  # a head class named over headless weights
+        model = _load_hf(folder, family, config_dict, use_safetensors=use_safetensors, cls=base)
+        cast(Any, model.config).architectures = [base.__name__]  # what the folder holds (plain_reason builds it)
+        return model
     if missing or mismatched:
         what = missing or [str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched]
         raise SqueezeError(

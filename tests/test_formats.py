@@ -188,3 +188,17 @@ jobs:
     job = parse_recipe(text, filename="r.yaml", base_dir=tmp_path).jobs[0]
     assert job.calibration.source == "wiki"
     assert job.steps[0].config.format == "compressed-tensors"
+
+
+def test_a_head_class_named_over_headless_weights_loads_the_base_model(tmp_path):
+    """sentence-transformers folders (all-mpnet-base-v2) keep ``MPNetForMaskedLM`` in config.json
+    over the base model's weights: squeeze loads the base model, and its block drop stays plain."""
+    from tiny_more import make_tiny_more
+
+    folder = make_tiny_more("mpnet", tmp_path / "st")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["MPNetForMaskedLM"]}))
+    ck = load(folder)
+    assert type(ck.model).__name__ == "MPNetModel"
+    apply(ck, OUTPUTS["prune-blocks"][0], out=tmp_path / "b")
+    assert check_plain_or_refused(tmp_path / "b", "mpnet") == "plain"

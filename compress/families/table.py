@@ -276,6 +276,12 @@ def model_class(family: Family, config) -> type:
     return getattr(transformers, name)
 
 
+def base_class(family: Family, config) -> type:
+    """The family's class for this config's model_type whatever ``architectures`` says (MPNetModel
+    for a sentence-transformers folder whose config names MPNetForMaskedLM but holds no head)."""
+    return getattr(transformers, dict(family.type_classes).get(getattr(config, "model_type", ""), family.default_class))
+
+
 def build_from_config(family: Family, config) -> nn.Module:
     """An architecture with freshly initialised weights (to be overwritten by a state dict)."""
     cls = model_class(family, config)
