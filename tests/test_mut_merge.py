@@ -80,3 +80,9 @@ def test_embeddings_identical_compares_every_expert(tiny_dirs):
     assert embeddings_identical([a, copy.deepcopy(a)], fam)
     assert not embeddings_identical([a, build_tiny("llama", seed=1)], fam)
     assert not embeddings_identical([a, copy.deepcopy(a), build_tiny("llama", seed=1)], fam)
+
+
+def test_refusal_names_the_differing_config_value_and_both_experts():
+    with pytest.raises(SqueezeError) as err:
+        check_models([build_tiny("bert"), build_tiny("bert", hidden=48)], names=["a/bert", "b/bert"])
+    assert str(err.value) == "cannot merge: hidden_size differs: a/bert has 32, b/bert has 48"
