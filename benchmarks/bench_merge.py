@@ -8,6 +8,11 @@ ensemble is shown beside the logit average for comparison (not what squeeze buil
 merged ONNX graph (one graph, both experts) is timed against one expert's graph with ONNX
 Runtime, side by side in this process.
 
+Shared frozen embedding (the Growing Transformers premise: experts grown on one frozen, untrained
+substrate): the same halves again, with both experts' embedding layer (patch projection, [CLS],
+positions) taken from one randomly initialised ViT and frozen during training; only the blocks
+and the head are the experts' own.
+
     .venv/bin/python benchmarks/bench_merge.py
 
 Writes benchmarks/results/merge.json and merge.md.
@@ -36,17 +41,30 @@ LATENCY_BATCHES = (1, 8)
 LATENCY_ROUNDS = 5
 
 
-def run_split(kind: str, xtr, ytr, xte, yte, seed: int, tmp: Path, full) -> dict:
+SHARED = ", shared frozen embedding"
+SPLITS = ("random halves", "by class", "random halves" + SHARED, "by class" + SHARED)
+
+
+def substrate(seed: int) -> dict:
+    """The embedding layer of a freshly initialised digits ViT (never trained)."""
+    import transformers as T
+
+    torch.manual_seed(1000 + seed)
+    return T.ViTForImageClassification(T.ViTConfig(**VIT)).vit.embeddings.state_dict()
+
+
+def run_split(kind: str, xtr, ytr, xte, yte, seed: int, tmp: Path, full, frozen: dict | None = None) -> dict:
     rng = np.random.default_rng(seed)
-    if kind == "random halves":
+    if kind.startswith("random halves"):
         perm = rng.permutation(len(xtr))
         halves = [perm[: len(perm) // 2], perm[len(perm) // 2 :]]
     else:
         halves = [np.flatnonzero(ytr < 5), np.flatnonzero(ytr >= 5)]
     folders = []
     for i, idx in enumerate(halves):
-        folders.append(save_expert(train(xtr[idx], ytr[idx], seed * 10 + i), tmp / f"{kind[:6]}-{seed}-{i}"))
-    out = tmp / f"merged-{kind[:6]}-{seed}"
+        expert = train(xtr[idx], ytr[idx], seed * 10 + i, frozen_embeddings=frozen)
+        folders.append(save_expert(expert, tmp / f"{kind[:6]}{'-shared' * (frozen is not None)}-{seed}-{i}"))
+    out = tmp / f"merged-{kind[:6]}{'-shared' * (frozen is not None)}-{seed}"
     t = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # the ledger row, as JSON
         code = squeeze_main(
@@ -98,8 +116,9 @@ def main() -> None:
         for seed in SEEDS:
             full = train(xtr, ytr, seed * 10 + 9)
             params = sum(p.numel() for p in full.parameters())
-            for kind in ("random halves", "by class"):
-                rows.append(run_split(kind, xtr, ytr, xte, yte, seed, tmp, full))
+            for kind in SPLITS:
+                frozen = substrate(seed) if kind.endswith(SHARED) else None
+                rows.append(run_split(kind, xtr, ytr, xte, yte, seed, tmp, full, frozen))
                 r = rows[-1]
                 print(
                     f"{kind:14s} seed {seed}: A {r['expert_a']:.3f}  B {r['expert_b']:.3f}  merge {r['merge']:.3f}  "
@@ -127,8 +146,7 @@ def main() -> None:
         return float(v.mean()), float(v.std())
 
     summary = {
-        s: {k: mean_std(s, k) for k in ("expert_a", "expert_b", "merge", "prob_average", "all_data")}
-        for s in ("random halves", "by class")
+        s: {k: mean_std(s, k) for k in ("expert_a", "expert_b", "merge", "prob_average", "all_data")} for s in SPLITS
     }
     n_train, n_test = len(xtr), len(xte)
     md = [

@@ -44,8 +44,17 @@ def pixels(x: np.ndarray) -> torch.Tensor:
     return ((torch.from_numpy(x)[:, None] - 0.5) / 0.5).contiguous()
 
 
-def train(x: np.ndarray, y: np.ndarray, seed: int, *, epochs: int = EPOCHS, mlp: int | None = None):
-    """A tiny ViT classifier trained from scratch on (x, y); ``mlp`` overrides the MLP width."""
+def train(
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    *,
+    epochs: int = EPOCHS,
+    mlp: int | None = None,
+    frozen_embeddings: dict | None = None,
+):
+    """A tiny ViT classifier trained from scratch on (x, y); ``mlp`` overrides the MLP width;
+    ``frozen_embeddings`` (a ViT embeddings state dict) is loaded and kept frozen."""
     import transformers as T
 
     torch.manual_seed(seed)
@@ -57,7 +66,10 @@ def train(x: np.ndarray, y: np.ndarray, seed: int, *, epochs: int = EPOCHS, mlp:
         architectures=["ViTForImageClassification"],
     )
     model = T.ViTForImageClassification(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    if frozen_embeddings is not None:
+        model.vit.embeddings.load_state_dict(frozen_embeddings)
+        model.vit.embeddings.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.05)
     steps = epochs * -(-len(x) // BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
     px, py = pixels(x), torch.from_numpy(y).long()
