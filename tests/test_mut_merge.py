@@ -86,3 +86,13 @@ def test_refusal_names_the_differing_config_value_and_both_experts():
     with pytest.raises(SqueezeError) as err:
         check_models([build_tiny("bert"), build_tiny("bert", hidden=48)], names=["a/bert", "b/bert"])
     assert str(err.value) == "cannot merge: hidden_size differs: a/bert has 32, b/bert has 48"
+
+
+def test_side_file_warnings_reach_the_run(tmp_path):
+    """Checked once before any work (check_data); what it could not compare is a warning of the run."""
+    for seed in (0, 1):
+        build_tiny("llama", seed=seed).save_pretrained(str(tmp_path / f"m{seed}"))  # no tokenizer files
+    a, b = ck.load(tmp_path / "m0"), ck.load(tmp_path / "m1")
+    ctx = PassContext(family=a.family, calibration=EVAL)
+    run_pass(MergePass(), [a, b], ctx, measure_fidelity=False)
+    assert "no expert has a tokenizer: only the vocabulary sizes were compared" in ctx.warnings
