@@ -26,7 +26,7 @@ def run(
     fresh: bool = typer.Option(False, "--fresh", help="Ignore finished steps and run everything again."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show which steps would run; run nothing."),
     samples: int | None = typer.Option(
-        None, "--samples", min=1, max=100_000, help="Cap calibration and evaluation samples of every job (quick runs)."
+        None, "--samples", min=1, max=100_000, help="Cap calibration/eval samples and training steps (quick runs)."
     ),
     force: bool = typer.Option(False, "--force", help="Run into a folder that holds files squeeze did not write."),
     executor: str = typer.Option(

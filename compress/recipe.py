@@ -243,9 +243,16 @@ class Recipe:
         return Recipe(jobs=jobs, source=self.source, origin=self.origin, version=self.version)
 
     def with_samples(self, n: int) -> Recipe:
-        """Every job with at most ``n`` calibration and evaluation samples (quick runs, CI)."""
+        """Every job with at most ``n`` calibration and evaluation samples, and training steps
+        (distill, reparam: a quick run trains for at most ``n`` steps; quick runs, CI)."""
         jobs = []
         for j in self.jobs:
+            steps = []
+            for step in j.steps:
+                cfg = step.config
+                if isinstance(getattr(cfg, "steps", None), int) and cfg.steps > n:
+                    step = step.model_copy(update={step.pass_name: cfg.model_copy(update={"steps": n})})
+                steps.append(step)
             spec = j.calibration or DataSpec()
             spec = spec.model_copy(
                 update={
@@ -254,7 +261,7 @@ class Recipe:
                     "batch_size": min(spec.batch_size, n),
                 }
             )
-            jobs.append(j.model_copy(update={"calibration": spec}))
+            jobs.append(j.model_copy(update={"calibration": spec, "steps": steps}))
         return Recipe(jobs=jobs, source=self.source, origin=self.origin, version=self.version)
 
 

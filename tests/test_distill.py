@@ -516,3 +516,17 @@ def test_report_markdown_names_the_reference_graphs_with_their_latency_ratio():
     text = report.markdown(ledger)
     assert "ORT dynamic int8: 1.0 MB, cos 0.9980, 0.45x (0.40-0.50) vs fp32" in text
     assert "Reference graphs" not in report.markdown(_ledger(None) | {"jobs": [{**ledger["jobs"][0], "rows": []}]})
+
+
+def test_a_quick_run_caps_the_training_steps_of_the_demo_recipe():
+    from pathlib import Path
+
+    from squeeze.compress.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "minilm-edge.yaml", check_refs=False)
+    (edge,) = [j for j in recipe.jobs if j.name == "minilm-edge"]
+    assert [s.pass_name for s in edge.steps] == ["prune", "distill", "quantize", "export"]
+    assert edge.steps[1].config.steps > 8
+    quick = next(j for j in recipe.with_samples(8).jobs if j.name == "minilm-edge")
+    assert quick.steps[1].config.steps == 8 and quick.calibration.samples == 8
+    assert quick.steps[0].config == edge.steps[0].config  # nothing else changes
