@@ -64,15 +64,15 @@ class _Stop(Exception):
 class _Catcher(nn.Module):
     """Stands in for one layer: records its call and passes the hidden states on unchanged."""
 
-    def __init__(self, calls: list[Call], last: bool):
+    def __init__(self, calls: list[Call], last: bool, as_tuple: bool = False):
         super().__init__()
-        self.calls, self.last = calls, last
+        self.calls, self.last, self.as_tuple = calls, last, as_tuple
 
     def forward(self, *args, **kwargs):
         self.calls.append(Call(args, kwargs))
         if self.last:
             raise _Stop
-        return args[0]
+        return (args[0],) if self.as_tuple else args[0]  # as the layer it stands in for returns
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def layer_calls(model: nn.Module, family: Family, batches: list[Batch]) -> list[
     calls: list[list[Call]] = [[] for _ in original]
     try:
         for i in range(len(layers)):
-            layers[i] = _Catcher(calls[i], last=i == len(original) - 1)
+            layers[i] = _Catcher(calls[i], last=i == len(original) - 1, as_tuple=family.layer_returns_tuple)
         for batch in batches:
             try:
                 family.forward(model, batch)

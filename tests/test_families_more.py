@@ -128,3 +128,13 @@ def test_phi3_static_activations_and_compressed_tensors(tmp_path, more_dirs):
     plain = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct")).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**_batch()).logits, _out(twin), atol=1e-5, rtol=0)  # measured 0.0
+
+
+def test_mpnet_layers_are_captured_with_their_real_inputs():
+    """MPNet's encoder takes ``layer(...)[0]``: the capture's stand-in returns a tuple there, or
+    every later layer sees a slice of the batch (a 12-layer mpnet then fails in the 4th layer)."""
+    from squeeze.compress.capture import layer_calls
+
+    model = build_tiny_more("mpnet", layers=6)
+    calls = layer_calls(model, family_for("mpnet"), [_batch()])
+    assert [tuple(c[0].args[0].shape) for c in calls] == [(2, 12, 32)] * 6

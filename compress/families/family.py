@@ -50,6 +50,7 @@ class Family:
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     type_classes: tuple[tuple[str, str], ...] = ()  # (model_type, default class) where not default_class
     attention_interface: bool = True  # attention runs through transformers' AttentionInterface
+    layer_returns_tuple: bool = False  # a layer returns (hidden, ...), its encoder takes [0] (mpnet)
     skip: Callable[[Family, nn.Module, Sublayer, bool], None] | None = field(default=None, repr=False, compare=False)
 
     # ---------------- structure ----------------

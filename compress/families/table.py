@@ -173,6 +173,7 @@ MPNET = Family(  # BERT's post-LN layer with q/k/v/o one level down; a relative 
     head=None,
     attention_interface=False,  # MPNetSelfAttention computes its scores itself
     skip=skip_bert,  # the same attention / intermediate / output attributes as BERT
+    layer_returns_tuple=True,
 )
 
 DISTILBERT = Family(
