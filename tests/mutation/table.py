@@ -39,7 +39,8 @@ def short(name: str) -> str:
     """squeeze.compress.passes.prune.prune.xǁPlanǁresult__mutmut_21 -> prune.py Plan.result #21"""
     module, _, rest = name.rpartition(".x")
     func, _, number = rest.partition("__mutmut_")
-    return f"{module.rsplit('.', 1)[-1]}.py {func.strip('_ǁ').replace('ǁ', '.')} #{number}"
+    func = func[1:] if func.startswith("_") else func.strip("ǁ")  # mutmut names x_<function>, xǁ<Class>ǁ<method>
+    return f"{module.rsplit('.', 1)[-1]}.py {func.replace('ǁ', '.')} #{number}"
 
 
 def row(s: dict, equivalent: dict[str, str]) -> tuple[str, list[str]]:
