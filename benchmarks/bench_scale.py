@@ -218,11 +218,19 @@ def main() -> None:
             rows.append(row)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    write_report(rows, base)
+
+
+def write_report(rows: list[dict], base: int) -> None:
+    """results/scale.json and scale.md (rows of sizes not run now are kept from the last run)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if (RESULTS / "scale.json").exists():  # a run of some sizes replaces those rows and keeps the others
-        old = json.loads((RESULTS / "scale.json").read_text()).get("rows", [])
-        done = {r["size"] for r in rows}
-        rows = sorted([r for r in old if r["size"] not in done] + rows, key=lambda r: r["params"])
+    if (RESULTS / "scale.json").exists():  # a run replaces the measurements it made, keeps the others
+        old = {r["size"]: r for r in json.loads((RESULTS / "scale.json").read_text()).get("rows", [])}
+        for row in rows:
+            made = {(r["mode"], r["task"]) for r in row["runs"]}
+            kept = [r for r in old.pop(row["size"], {}).get("runs", []) if (r["mode"], r["task"]) not in made]
+            row["runs"] = sorted(row["runs"] + kept, key=lambda r: (r["task"], r["mode"] != "offload"))
+        rows = sorted([*old.values(), *rows], key=lambda r: r["params"])
     report = {"baseline_rss_mb": round(base / 2**20), "samples": SAMPLES, "seq_len": SEQ, "rows": rows}
     (RESULTS / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
