@@ -63,6 +63,7 @@ for _name in ("merge", "factorize", "reparam", "fuse"):
 # mutmut's exit codes (mutmut/stats.py) -> the columns of the results table
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout"}
 STATUS.update({-24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"})
+STATUS.update({-11: "crashed", -9: "crashed"})  # the test process died on a signal (segfault / kill)
 
 SITECUSTOMIZE = """import sys  # import squeeze from this copy, not from the editable install of the checkout
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
@@ -185,7 +186,8 @@ def summarize(
         "timeout": counts["timeout"],
         "survived": counts["survived"],
         "no_tests": counts["no tests"],
-        "other": {s: c for s, c in counts.items() if s not in {"killed", "timeout", "survived", "no tests"}},
+        "crashed": counts["crashed"],
+        "other": {s: c for s, c in counts.items() if s not in {"killed", "timeout", "survived", "no tests", "crashed"}},
         "score": killed / checked if checked else None,
         "score_ci95": [lo, hi],
         "score_without_no_tests": killed / tested if tested else None,

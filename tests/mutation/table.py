@@ -45,15 +45,16 @@ def short(name: str) -> str:
 
 def row(s: dict, equivalent: dict[str, str]) -> tuple[str, list[str]]:
     killed = s["killed"] + s["timeout"]
+    crashed = s.get("crashed", 0)
     eq = [n for n in s["survivors"] if n in equivalent]
-    lo, hi = wilson(killed, s["checked"] - len(eq))
+    lo, hi = wilson(killed + crashed, s["checked"] - len(eq))
     score = killed / s["checked"] if s["checked"] else 0.0
-    adjusted = killed / (s["checked"] - len(eq)) if s["checked"] - len(eq) else 0.0
+    adjusted = (killed + crashed) / (s["checked"] - len(eq)) if s["checked"] - len(eq) else 0.0
     sample = f"sample, seed {s['seed']}" if s["seed"] is not None else "all"
     path = FOLDER_PATHS.get(s["folder"], f"compress/passes/{s['folder']}/")
     line = (
         f"| {path} | {s['mutants_total']} / {s['checked']} ({sample}) | {killed} | {s['survived']} | "
-        f"{s['no_tests']} | {s['timeout']} | {score:.1%} | **{adjusted:.1%}** ({lo:.0%}-{hi:.0%}) | {len(eq)} |"
+        f"{s['no_tests']} | {s['timeout']} | {crashed} | {score:.1%} | **{adjusted:.1%}** ({lo:.0%}-{hi:.0%}) | {len(eq)} |"
     )
     notes = [f"- `{short(n)}`: {equivalent[n]}" for n in eq]
     real = [short(n) for n in s["survivors"] + s["no_tests_mutants"] if n not in equivalent]
@@ -82,19 +83,20 @@ def main() -> int:
         "HEAD, the folder's tests only, `-x`, one child, one torch thread). Where a sample was drawn, the",
         "score is an estimate over that uniform random sample; the interval is Wilson's 95% interval.",
         "Score = killed / checked (no-tests mutants count as not killed); adjusted = killed / (checked -",
-        "survivors judged equivalent). After tests/test_mut_<folder>.py was written, `sample.py --recheck`",
+        "survivors judged equivalent) and counts a crashed test run (the process died on a signal) as",
+        "detected. After tests/test_mut_<folder>.py was written, `sample.py --recheck`",
         "re-ran that run's survivors on the same commit against the new tests only (a killed mutant stays",
         "killed when tests are added); the first pass is given under each folder.",
         "",
-        "| folder | mutants total / checked | killed | survived | no tests | timeouts | score | adjusted (95% CI) "
-        "| equivalent survivors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| folder | mutants total / checked | killed | survived | no tests | timeouts | crashed | score "
+        "| adjusted (95% CI) | equivalent survivors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
     for folder in ORDER:
         path = RESULTS / f"mutation_{folder}.json"
         if not path.exists():
-            out.append(f"| {FOLDER_PATHS.get(folder, f'compress/passes/{folder}/')} | not run | | | | | | | |")
+            out.append(f"| {FOLDER_PATHS.get(folder, f'compress/passes/{folder}/')} | not run | | | | | | | | |")
             continue
         summary = json.loads(path.read_text())
         line, extra = row(summary, equivalent)
