@@ -102,6 +102,8 @@ def copy_tree(work: Path, worktree: bool, rev: str = "HEAD") -> str:
 
 def write_config(work: Path, key: str, new_only: bool = False) -> None:
     globs, tests = FOLDERS[key]
+    # and every test file named after the folder (test_factorize_alloc.py, test_prune_*.py, ...)
+    tests = tests + sorted(p.name for p in (work / "squeeze" / "tests").glob(f"test_{key}_*.py") if p.name not in tests)
     if new_only:  # a recheck: the other tests already ran against these mutants and passed
         tests = [t for t in tests if t.startswith("test_mut_")]
     present = [f"squeeze/tests/{t}" for t in tests if (work / "squeeze" / "tests" / t).exists()]
