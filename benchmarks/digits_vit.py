@@ -92,9 +92,8 @@ def save_expert(model, folder: Path) -> Path:
     from transformers import ViTImageProcessor
 
     model.save_pretrained(str(folder))
-    ViTImageProcessor(
-        size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5], do_rescale=False
-    ).save_pretrained(str(folder))
+    # squeeze's image loader hands the processor 0..255 pixels: rescale by 1/255, then (x - 0.5) / 0.5 as pixels()
+    ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5]).save_pretrained(str(folder))
     return folder
 
 
