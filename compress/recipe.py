@@ -93,6 +93,7 @@ class ExportStepConfig(PassConfig):
     target: Literal["ort", "tensorrt"] = "ort"
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
     plain: bool = False
+    optimize: bool | None = None  # None: ONNX Runtime's fusions for the encoders it knows, as `squeeze export`
     latency: bool = True
     latency_batch: int = Field(1, ge=1, le=1024)
     latency_seq_len: int = Field(128, ge=1, le=32_768)

@@ -115,3 +115,16 @@ def test_quantized_models_fuse_around_their_own_kernels(tiny_dirs, tmp_path):
         if acts == "int8":
             assert "attention kept as 'squeeze_quant'" in report["fusion"]
             assert "squeeze::LogSqrt2Softmax" in _ops(out)  # the quantized softmax is in the graph
+
+
+@pytest.mark.parametrize(("field", "fused"), [("", True), ("{optimize: false, latency: false}", False)])
+def test_recipe_export_step_fuses_by_default_and_takes_optimize(tiny_dirs, tmp_path, field, fused):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\ndefaults:\n  calibration: {source: builtin, samples: 4, eval_samples: 4, seq_len: 16}\n"
+        f"jobs:\n  - name: a\n    model: {tiny_dirs['bert']}\n    steps:\n      - export: {field or '{latency: false}'}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "-o", str(out)]) == 0
+    (graph,) = out.glob("a/*/model.onnx")
+    assert bool([k for k in _ops(graph) if k.startswith("com.microsoft")]) is fused
