@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -47,8 +46,10 @@ from squeeze.compress.folders import (
     check_side_files,
     check_size,
     copy_side_files,
+    load_state_strict,
     read_json,
     resolve,
+    save_weights,
     sha256_of,
     weight_files,
 )
@@ -307,38 +308,10 @@ def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
     if formats_ct.is_folder(folder):  # written with --format compressed-tensors
         formats_ct.load_into(model, files)
     else:
-        _load_state_strict(model, files)
+        load_state_strict(model, files)
     dtypes.to_work(model, dtypes.stored_dtype(files))
     model.eval()
     return Checkpoint(model=model, family=family, manifest=manifest, source=folder)
-
-
-def _load_state_strict(model: nn.Module, files: list[Path]) -> None:
-    from safetensors.torch import load_file, load_model
-
-    if len(files) == 1:
-        try:
-            missing, unexpected = load_model(model, str(files[0]), strict=False)
-        except RuntimeError as exc:
-            raise SqueezeError(f"{files[0]}: does not match its manifest ({str(exc).splitlines()[0]})") from None
-    else:
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        res = model.load_state_dict(state, strict=False)
-        missing, unexpected = res.missing_keys, res.unexpected_keys
-        missing = [k for k in missing if not _is_tied(model, k, state)]
-    if missing or unexpected:
-        bad = list(missing) + list(unexpected)
-        raise SqueezeError(
-            f"{files[0].parent}: weights do not match the manifest ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, e.g. {bad[0]})"
-        )
-
-
-def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
-    ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    return model.state_dict()[key].data_ptr() in ptrs
 
 
 def save(
@@ -361,26 +334,6 @@ def save(
         manifest = ckpt.manifest.model_copy(update={"weights_sha256": sha256_of(weight_files(tmp)[0])})
         (tmp / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return Path(out)
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """``safetensors.torch.save_model`` with deterministic bytes.
-
-    save_model records each dropped alias of a shared tensor as a metadata key, and safetensors
-    writes its metadata map in hash order, so a model with tied weights saved three times gave
-    three files. Here the aliases are dropped the same way (load_model re-ties them from the
-    model) and the metadata is one key (the version is in the manifest).
-    """
-    from safetensors.torch import _remove_duplicate_names, save_file
-
-    state = model.state_dict()
-    for aliases in _remove_duplicate_names(state).values():
-        for name in aliases:
-            del state[name]
-    from squeeze.compress.dtypes import state_for_saving  # in the model's storage dtype (bf16 stays bf16)
-
-    state = state_for_saving(model, state)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------

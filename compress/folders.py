@@ -8,6 +8,8 @@ The file half of checkpoints (``checkpoint.py`` builds and saves models on top o
   refuse missing, truncated, corrupt or mismatched weights before anything reads them;
 - :func:`atomic_dir` / :func:`atomic_file` write beside the target and rename into place;
 - :func:`copy_side_files` carries tokenizer / processor files, never weights or configs.
+- :func:`load_state_strict` / :func:`save_weights` read weights strictly and write them with
+  deterministic bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.families import Family
@@ -275,3 +280,52 @@ def skip_side_dir(folder: Path) -> bool:
 def check_side_files(folder: Path) -> None:
     """Refuse a folder whose side files link outside it, before any work (compress/paths.py)."""
     side_files(folder, NOT_COPIED_NAMES, NOT_COPIED_SUFFIXES, skip_side_dir)
+
+
+def load_state_strict(model: nn.Module, files: list[Path]) -> None:
+    """Load weight files into ``model``; a missing or unexpected key is an error (tied aliases excepted)."""
+    from safetensors.torch import load_file, load_model
+
+    if len(files) == 1:
+        try:
+            missing, unexpected = load_model(model, str(files[0]), strict=False)
+        except RuntimeError as exc:
+            raise SqueezeError(f"{files[0]}: does not match its manifest ({str(exc).splitlines()[0]})") from None
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        res = model.load_state_dict(state, strict=False)
+        missing, unexpected = res.missing_keys, res.unexpected_keys
+        missing = [k for k in missing if not _is_tied(model, k, state)]
+    if missing or unexpected:
+        bad = list(missing) + list(unexpected)
+        raise SqueezeError(
+            f"{files[0].parent}: weights do not match the manifest ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {bad[0]})"
+        )
+
+
+def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
+    ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    return model.state_dict()[key].data_ptr() in ptrs
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``safetensors.torch.save_model`` with deterministic bytes.
+
+    save_model records each dropped alias of a shared tensor as a metadata key, and safetensors
+    writes its metadata map in hash order, so a model with tied weights saved three times gave
+    three files. Here the aliases are dropped the same way (load_model re-ties them from the
+    model) and the metadata is one key (the version is in the manifest).
+    """
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    state = model.state_dict()
+    for aliases in _remove_duplicate_names(state).values():
+        for name in aliases:
+            del state[name]
+    from squeeze.compress.dtypes import state_for_saving  # in the model's storage dtype (bf16 stays bf16)
+
+    state = state_for_saving(model, state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
