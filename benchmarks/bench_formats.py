@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from squeeze.compress import formats, formats_ct
+from squeeze.compress import formats, formats_ct_read
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.export import export_onnx
 from squeeze.compress.run import apply, load
@@ -44,7 +44,7 @@ def _rss_gb() -> float:
 def _plain(folder: Path) -> str:
     if formats.is_refused(folder):
         return "refused"
-    return "loads (compressed-tensors)" if formats_ct.is_folder(folder) else "loads"
+    return "loads (compressed-tensors)" if formats_ct_read.is_folder(folder) else "loads"
 
 
 def _ct_check(twin, folder: Path, tok) -> dict[str, Any]:

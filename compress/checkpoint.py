@@ -196,10 +196,10 @@ def load(ref: str | os.PathLike, *, trust_pickle: bool = False, replay: Replay |
     for f in files:
         if f.suffix == ".safetensors":
             check_safetensors(f)
-    from squeeze.compress import formats_ct  # another tool's compressed-tensors folder: de-quantized
+    from squeeze.compress import formats_ct_read  # another tool's compressed-tensors folder: de-quantized
 
-    if formats_ct.quantization_config(config_dict) is not None:
-        model = formats_ct.load_float(folder, family, _hf_config(folder), files)
+    if formats_ct_read.quantization_config(config_dict) is not None:
+        model = formats_ct_read.load_float(folder, family, _hf_config(folder), files)
     else:
         model = _load_hf(folder, family, config_dict, use_safetensors=not is_pickle)
     manifest = Manifest(
@@ -303,10 +303,10 @@ def _load_squeeze(folder: Path, replay: Replay) -> Checkpoint:
             # a tampered edit (bad indices, shapes, fields): the manifest is data, not code
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SqueezeError(f"{where}: edit {n} ({pass_name}) cannot be replayed ({msg})") from None
-    from squeeze.compress import dtypes, formats_ct
+    from squeeze.compress import dtypes, formats_ct_read
 
-    if formats_ct.is_folder(folder):  # written with --format compressed-tensors
-        formats_ct.load_into(model, files)
+    if formats_ct_read.is_folder(folder):  # written with --format compressed-tensors
+        formats_ct_read.load_into(model, files)
     else:
         load_state_strict(model, files)
     dtypes.to_work(model, dtypes.stored_dtype(files))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import make_tiny
 
-from squeeze.compress import formats_ct
+from squeeze.compress import formats_ct, formats_ct_read
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.run import apply, load
 
@@ -121,7 +121,7 @@ def test_cli_format_flag(tmp_path, mha_llama, capsys):
 
     args = ["quantize", str(mha_llama), "-o", str(tmp_path / "q"), "--no-gptq", "--activations", "none"]
     assert main([*args, "--format", CT, "--samples", "4"]) == 0
-    assert formats_ct.is_folder(tmp_path / "q")
+    assert formats_ct_read.is_folder(tmp_path / "q")
     capsys.readouterr()
     assert main([*args, "--format", "gguf", "--force"]) == 2
     assert "--format" in capsys.readouterr().err
