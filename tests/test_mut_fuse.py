@@ -57,3 +57,19 @@ def test_same_shape_fusion_records_no_config_and_names_the_anchor(llamas):
     _, ctx = _fuse([a, b], "llama", solver="emd", anchor=0)
     assert result_dump(ctx.result)["config"] is None
     assert "into model 1's shape" in ctx.result.summary()[0]
+
+
+def test_refusals_name_what_differs():
+    """Vision models of another image size, and rotary models of another head size, are refused
+    with a message naming the mismatch (bugs: the wrong label, an empty message)."""
+    from squeeze.compress.errors import SqueezeError
+    from squeeze.compress.families import family_for
+    from squeeze.compress.passes import get_pass
+    from squeeze.compress.passes.fuse.compat import check_compatible
+
+    with pytest.raises(SqueezeError, match="image size differs"):
+        check_compatible([build_tiny("vit"), build_tiny("vit", image_size=32)])
+    a, wide = build_tiny("llama"), build_tiny("llama", hidden_size=64, head_dim=16)
+    assert wide.config.head_dim != a.config.head_dim  # same head count, another head size
+    with pytest.raises(SqueezeError, match="head size differs"):
+        get_pass("fuse")().check(family_for("llama"), [wide, a])
