@@ -43,7 +43,6 @@ Input should be less than or equal to 1 (got 2)``.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -61,14 +60,24 @@ from pydantic import (
     model_validator,
 )
 from pydantic.functional_validators import BeforeValidator
-from pydantic_core import ErrorDetails
 
 from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, OPSETS
 from squeeze.compress.passes import REGISTRY, PassConfig
 from squeeze.compress.recipe_paths import NAMED_DATA, missing, model_refs, resolve_paths
-from squeeze.compress.recipe_yaml import Errors, Source, clean_loc, compose, has_path, merge, points, substitute
+from squeeze.compress.recipe_yaml import (
+    Errors,
+    Source,
+    clean_loc,
+    compose,
+    error_message,
+    has_path,
+    merge,
+    points,
+    substitute,
+    unknown_tag,
+)
 
 EXPORT = "export"
 Scalar = bool | int | float | str
@@ -286,7 +295,7 @@ def parse_recipe(
         top = RecipeFile.model_validate(data)
     except ValidationError as exc:
         for e in exc.errors():
-            errors.add(tuple(e["loc"]), _message(e))
+            errors.add(tuple(e["loc"]), error_message(e, sorted(step_classes())))
         errors.raise_if_any()
     if "name" in top.defaults:
         errors.add(("defaults", "name"), "a default job name makes no sense; name each job")
@@ -302,7 +311,7 @@ def parse_recipe(
             matrix = Matrix.validate_python(raw_matrix)
         except ValidationError as exc:
             for e in exc.errors():
-                errors.add(src.loc(("matrix", *e["loc"])), _message(e))
+                errors.add(src.loc(("matrix", *e["loc"])), error_message(e, sorted(step_classes())))
             continue
         used: set[str] = set()
         for point in points(matrix):
@@ -323,10 +332,10 @@ def parse_recipe(
             except ValidationError as exc:
                 for e in exc.errors():
                     loc = clean_loc(e["loc"])
-                    tag = _unknown_tag(e)
+                    tag = unknown_tag(e)
                     if tag is not None:
                         loc = (*loc, tag)
-                    errors.add(src.loc(loc), _message(e), point)
+                    errors.add(src.loc(loc), error_message(e, sorted(step_classes())), point)
                 continue
             job = resolve_paths(job, base_dir)
             if job.name in where:
@@ -372,37 +381,3 @@ def _check_job(job: JobBase, src: Source, errors: Errors, point: dict, check_ref
         spec = job.calibration
         if spec is not None and spec.source not in NAMED_DATA and not Path(spec.source).exists():
             errors.add(src.loc(("calibration", "source")), f"{spec.source}: no such data file or folder", point)
-
-
-# --------------------------------------------------------------------------------------------
-# Error messages (locations and lines: recipe_yaml.Errors)
-# --------------------------------------------------------------------------------------------
-
-
-def _unknown_tag(e: ErrorDetails) -> str | None:
-    """The pass name of a step whose one key names no known pass."""
-    if e["type"] == "union_tag_invalid":
-        return str(e["ctx"]["tag"])
-    inp = e.get("input")
-    if e["type"] == "step_shape" and isinstance(inp, dict) and len(inp) == 1:
-        return str(next(iter(inp)))
-    return None
-
-
-def _message(e: ErrorDetails) -> str:
-    kind = e["type"]
-    tag = _unknown_tag(e)
-    if tag is not None:
-        known = sorted(step_classes())
-        close = difflib.get_close_matches(tag, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown pass {tag!r}{hint}; known passes: {', '.join(known)}"
-    if kind == "extra_forbidden":
-        return "unknown key (a typo?)"
-    if kind == "step_shape" and isinstance(e.get("input"), dict):
-        return f"a step is a one-key mapping such as `prune: {{drop_attn: 0.5}}`, got keys {', '.join(map(str, e['input']))}"
-    msg = e["msg"].removeprefix("Value error, ")
-    inp = e.get("input")
-    if isinstance(inp, (str, int, float, bool)) and kind not in ("missing", "value_error") and repr(inp) not in msg:
-        msg += f" (got {inp!r})"
-    return msg

@@ -15,6 +15,7 @@ by the schema, their product was not). NaN and infinity are refused where they a
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import math
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from squeeze.compress.errors import SqueezeError
@@ -275,3 +277,37 @@ def substitute(value: Any, point: dict, path: tuple, used: set, errors: Errors, 
         return str(point[m.group(1)])
 
     return _PLACEHOLDER.sub(repl, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages (the messages; their locations and lines: Errors)
+# --------------------------------------------------------------------------------------------
+
+
+def unknown_tag(e: ErrorDetails) -> str | None:
+    """The pass name of a step whose one key names no known pass."""
+    if e["type"] == "union_tag_invalid":
+        return str(e["ctx"]["tag"])
+    inp = e.get("input")
+    if e["type"] == "step_shape" and isinstance(inp, dict) and len(inp) == 1:
+        return str(next(iter(inp)))
+    return None
+
+
+def error_message(e: ErrorDetails, known: list[str]) -> str:
+    """One pydantic error as the line a user reads (``known``: the pass names, for typos)."""
+    kind = e["type"]
+    tag = unknown_tag(e)
+    if tag is not None:
+        close = difflib.get_close_matches(tag, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown pass {tag!r}{hint}; known passes: {', '.join(known)}"
+    if kind == "extra_forbidden":
+        return "unknown key (a typo?)"
+    if kind == "step_shape" and isinstance(e.get("input"), dict):
+        return f"a step is a one-key mapping such as `prune: {{drop_attn: 0.5}}`, got keys {', '.join(map(str, e['input']))}"
+    msg = e["msg"].removeprefix("Value error, ")
+    inp = e.get("input")
+    if isinstance(inp, (str, int, float, bool)) and kind not in ("missing", "value_error") and repr(inp) not in msg:
+        msg += f" (got {inp!r})"
+    return msg
