@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import squeeze.compress.train_data as train_data
+from squeeze.compress.errors import SqueezeError
 from squeeze.compress.passes.factorize import DSLinear
-from squeeze.compress.passes.factorize.allocate import allocate
+from squeeze.compress.passes.factorize.allocate import Candidate, allocate, greedy
+from squeeze.compress.passes.factorize.budget import choose, nnz_for
 from squeeze.compress.passes.factorize.int8 import DSLinearInt8
 from squeeze.compress.passes.factorize.solver import factorize, refit, to_dense
 from squeeze.compress.passes.factorize.train import training_data
@@ -97,3 +99,29 @@ def test_auto_training_data_label(monkeypatch, wiki):
     source, data = training_data(ctx, cfg)  # type: ignore[arg-type]
     want = "wiki" if wiki else "builtin"
     assert source == seen["source"] == want and data == ["batch"]
+
+
+def test_greedy_spends_bytes_where_the_most_cost_is_removed_per_byte():
+    """Room for one upgrade: it goes to the linear whose cost drops most per added byte
+    (bug: adding the costs instead of taking their difference)."""
+
+    def opts(cost_small: float, cost_big: float) -> list[Candidate]:
+        return [Candidate(4, 2, 10, 0.0, None, cost_small), Candidate(8, 4, 20, 0.0, None, cost_big)]  # type: ignore[arg-type]
+
+    assert greedy([opts(10.0, 2.0), opts(10.0, 9.0)], budget=30) == [1, 0]
+    assert greedy([opts(10.0, 9.0), opts(10.0, 2.0)], budget=30) == [0, 1]
+    assert greedy([opts(10.0, 2.0), opts(10.0, 9.0)], budget=40) == [1, 1]
+
+
+def test_nm_nonzeros_are_n_of_every_m_rows():
+    """N:M keeps round(density * m) (at least 1) of every m rows (bug: the N:M branch broken)."""
+    assert nnz_for(8, 0.5, "nm", 4) == 4
+    assert nnz_for(16, 0.25, "nm", 4) == 4
+    assert nnz_for(8, 0.01, "nm", 4) == 2  # one per group of 4, never none
+    assert nnz_for(8, 0.5, "column") == 4
+
+
+def test_too_small_ratio_names_the_smallest_ratio_that_fits():
+    """The refusal states the smallest workable ratio, a fraction below 1 (bug: scaled by 1e6)."""
+    with pytest.raises(SqueezeError, match=r"needs 0\.\d+$"):
+        choose(64, 64, 0.001, 0.25)
