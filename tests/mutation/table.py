@@ -1,6 +1,7 @@
 """The mutation scores table: benchmarks/results/mutation_<folder>.json -> benchmarks/results/mutation.md.
 
-    .venv/bin/python tests/mutation/table.py [--add build/mutate/prune/summary.json ...]
+    .venv/bin/python tests/mutation/table.py [--add build/mutate/prune/summary.json ...] [--first ...]
+        [--more SUMMARY_OF_ANOTHER_SEED ...] [--more-first ...]
 
 ``--add`` copies a run's summary (tests/mutation/sample.py) into benchmarks/results/. Survivors
 judged equivalent (no test can tell them from the original) are listed, with one line of reasoning
@@ -67,7 +68,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--add", type=Path, nargs="*", default=[])
     parser.add_argument("--first", type=Path, nargs="*", default=[], help="first-pass summaries (before new tests)")
+    parser.add_argument("--more", type=Path, nargs="*", default=[], help="further samples (another seed) of a folder")
+    parser.add_argument("--more-first", type=Path, nargs="*", default=[], help="their first passes")
     args = parser.parse_args()
+    for paths, tail in ((args.more, ""), (args.more_first, "_first")):
+        for path in paths:
+            more = json.loads(path.read_text())
+            shutil.copyfile(path, RESULTS / f"mutation_{more['folder']}_more_seed{more['seed']}{tail}.json")
     for path in args.add:
         folder = json.loads(path.read_text())["folder"]
         shutil.copyfile(path, RESULTS / f"mutation_{folder}.json")
@@ -116,6 +123,20 @@ def main() -> int:
                 f"{k / f['checked']:.1%} ({f['survived']} survived, {f['no_tests']} no tests)",
             )
         notes += extra or ["- every checked mutant was killed"]
+        for more_path in sorted(RESULTS.glob(f"mutation_{folder}_more_seed*[0-9].json")):  # another seed's sample
+            more = json.loads(more_path.read_text())
+            line, extra = row(more, equivalent)
+            out.append(line)
+            notes += ["", f"- further sample, seed {more['seed']} (commit {more['commit'][:10]}):"]
+            first = more_path.with_name(more_path.stem + "_first.json")
+            if first.exists():
+                f = json.loads(first.read_text())
+                k = f["killed"] + f["timeout"]
+                extra.insert(
+                    0,
+                    f"- first pass, before the tests it prompted: killed {k} / {f['checked']} = {k / f['checked']:.1%}",
+                )
+            notes += ["  " + n for n in extra] or ["  - every checked mutant was killed"]
     (RESULTS / "mutation.md").write_text("\n".join(out + notes) + "\n")
     print("\n".join(out))
     return 0
