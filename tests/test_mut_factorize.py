@@ -7,6 +7,7 @@ training data the STF / fine-tune used.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,10 +19,12 @@ from squeeze.compress.passes.factorize import DSLinear
 from squeeze.compress.passes.factorize.allocate import Candidate, allocate, greedy
 from squeeze.compress.passes.factorize.budget import choose, nnz_for
 from squeeze.compress.passes.factorize.int8 import DSLinearInt8
-from squeeze.compress.passes.factorize.solver import factorize, refit, to_dense
+from squeeze.compress.passes.factorize.solver import factorize, project, refit, to_dense
+from squeeze.compress.passes.factorize.stf import STFLinear
 from squeeze.compress.passes.factorize.train import training_data
 
 EXACT_ATOL = 1e-9  # exact least-squares values vs a fresh refit on the same support; measured ~1e-15
+STF_ATOL = 1e-5  # the STF's float32 projection vs the same projection in float64; measured ~1e-7
 FWD_ATOL = 1e-12  # float64 int8 layer vs its own dequantized weight; measured ~1e-16
 
 
@@ -125,3 +128,16 @@ def test_too_small_ratio_names_the_smallest_ratio_that_fits():
     """The refusal states the smallest workable ratio, a fraction below 1 (bug: scaled by 1e6)."""
     with pytest.raises(SqueezeError, match=r"needs 0\.\d+$"):
         choose(64, 64, 0.001, 0.25)
+
+
+def test_stf_projects_onto_the_layers_own_nm_pattern():
+    """The STF projects its latent onto the layer's N:M pattern with the layer's m (bug: m
+    dropped, so a 4:8 layer is projected onto the stricter 2:4 set)."""
+    w = _weight(5, 16, 24)
+    f, _ = factorize(w, 16, 8, iters=2, pattern="nm", m=8)
+    stf = STFLinear(f, None)
+    with torch.no_grad():
+        stf.latent.add_(0.3 * torch.randn(stf.latent.shape, generator=torch.Generator().manual_seed(6)))
+    want = project(stf.latent, f, steps=1).weight()
+    assert not torch.allclose(project(stf.latent, replace(f, m=4), steps=1).weight(), want, atol=1e-3)
+    torch.testing.assert_close(stf.projected().double(), want, atol=STF_ATOL, rtol=0)
