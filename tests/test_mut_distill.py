@@ -1,0 +1,33 @@
+"""Behaviour tests prompted by mutation testing of the distill pass (tests/mutation/sample.py distill)."""
+
+from __future__ import annotations
+
+import copy
+
+from tiny import build_tiny
+
+from squeeze.compress.distill import select_parameters
+from squeeze.compress.families import FAMILIES
+
+
+def test_attn_role_selects_only_the_attention_sublayers():
+    # catches `trainable in ("XXattnXX", "mlp")` (attn then refused as unknown) and attn/mlp swapped
+    fam = FAMILIES["bert"]
+    model = copy.deepcopy(build_tiny("bert"))
+    attn = [n for n, _ in select_parameters(model, fam, "attn")]
+    mlp = [n for n, _ in select_parameters(model, fam, "mlp")]
+    assert attn and all(".attention." in n for n in attn), attn
+    assert mlp and not any(".attention." in n for n in mlp), mlp
+
+
+def test_auto_data_is_wiki_spans_for_encoders_and_wiki_for_decoders(monkeypatch):
+    # catches `src != "AUTO"` (auto passed through as a source name) and `causal and False` (spans for decoders)
+    import squeeze.compress.train_data as train_data
+    from squeeze.compress.passes.base import PassContext
+    from squeeze.compress.passes.distill import DistillPass
+
+    monkeypatch.setattr(train_data, "wiki_available", lambda: True)
+    auto = DistillPass(data="auto")
+    assert auto.data_source(PassContext(family=FAMILIES["bert"])) == "wiki+spans"
+    assert auto.data_source(PassContext(family=FAMILIES["gpt2"])) == "wiki"
+    assert DistillPass(data="spans").data_source(PassContext(family=FAMILIES["gpt2"])) == "spans"
