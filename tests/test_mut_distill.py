@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from tiny import build_tiny
 
 from squeeze.compress.distill import select_parameters
@@ -31,3 +32,21 @@ def test_auto_data_is_wiki_spans_for_encoders_and_wiki_for_decoders(monkeypatch)
     assert auto.data_source(PassContext(family=FAMILIES["bert"])) == "wiki+spans"
     assert auto.data_source(PassContext(family=FAMILIES["gpt2"])) == "wiki"
     assert DistillPass(data="spans").data_source(PassContext(family=FAMILIES["gpt2"])) == "spans"
+
+
+def test_resumable_state_goes_into_a_new_nested_workdir_and_loss_last_is_the_curves_last(tmp_path):
+    # catches `mkdir(parents=False)` (a nested workdir that does not exist yet fails) and
+    # `round(curve[-1][1], 7)` (loss_last no longer the curve's last point, which is rounded to 6)
+    from squeeze.compress.distill import DistillConfig, distill
+    from squeeze.compress.passes.base import PassContext
+
+    fam = FAMILIES["vit"]
+    teacher = build_tiny("vit")
+    student = copy.deepcopy(teacher)
+    fam.remove_layers(student, [1])
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(2, 3, 16, 16, generator=g)} for _ in range(2)]
+    cfg = DistillConfig(steps=2, lr=1e-3, save_every=1)
+    res = distill(student, teacher, data, cfg, PassContext(family=fam), workdir=tmp_path / "a" / "b")
+    assert res.loss_last == res.loss_curve[-1][1] and res.loss_last > 0
+    assert not (tmp_path / "a" / "b").exists()  # finished: the state and its empty folder are gone
