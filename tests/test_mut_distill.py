@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from test_distill import QUICK, pruned
 from tiny import build_tiny
 
 from squeeze.compress.distill import select_parameters
@@ -50,3 +51,28 @@ def test_resumable_state_goes_into_a_new_nested_workdir_and_loss_last_is_the_cur
     res = distill(student, teacher, data, cfg, PassContext(family=fam), workdir=tmp_path / "a" / "b")
     assert res.loss_last == res.loss_curve[-1][1] and res.loss_last > 0
     assert not (tmp_path / "a" / "b").exists()  # finished: the state and its empty folder are gone
+
+
+def test_the_pass_hands_its_settings_to_the_engine(tiny_dirs, monkeypatch):
+    """steps, temperature, lr and the manifest's layer map reach the training loop as given (a
+    dropped field would silently train with the engine's defaults and the identity map)."""
+    import squeeze.compress.passes.distill.pass_ as pass_mod
+    from squeeze.compress.passes import run_pass
+    from squeeze.compress.passes.base import PassContext
+    from squeeze.compress.passes.distill import DistillPass
+
+    seen: dict = {}
+    real = pass_mod.distill
+
+    def spy(student, teacher, data, cfg, ctx, **kw):
+        seen.update(cfg=cfg, layer_map=kw.get("layer_map"))
+        return real(student, teacher, data, cfg, ctx, **kw)
+
+    monkeypatch.setattr(pass_mod, "distill", spy)
+    student = pruned(tiny_dirs["bert"], blocks=(2,))
+    ctx = PassContext(family=student.family, checkpoint=student)
+    options = {**QUICK, "steps": 2, "temperature": 3.5, "lr": 2e-3, "warmup": 0.25}
+    run_pass(DistillPass(data="builtin", **options), [student], ctx)
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.temperature, cfg.lr, cfg.warmup) == (2, 3.5, 2e-3, 0.25)
+    assert seen["layer_map"] == [0, 1, 3]  # block 2 dropped: student layer 2 learns teacher layer 3
