@@ -3,17 +3,26 @@ skip operations that install them (``Family.skip``; called through ``Family.skip
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import nn
 
 from squeeze.compress.errors import SqueezeError
 
-if TYPE_CHECKING:
-    from squeeze.compress.families.family import Family
-
 Sublayer = Literal["attn", "mlp"]
+
+
+class Family(Protocol):
+    """What a skip operation needs of its family (the Family record in family.py has it; a
+    protocol here keeps the import pointing one way)."""
+
+    name: str
+    attn_returns_tuple: bool
+
+    def role(self, layer: nn.Module, role: str) -> object: ...
+
+    def set_role(self, layer: nn.Module, role: str, module: nn.Module) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
