@@ -65,7 +65,7 @@ from squeeze.compress.calibration import DataSpec
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.export import DEFAULT_ATOL, DEFAULT_RTOL, OPSETS
 from squeeze.compress.passes import REGISTRY, PassConfig
-from squeeze.compress.recipe_paths import NAMED_DATA, missing, model_refs, resolve_paths
+from squeeze.compress.recipe_paths import NAMED_DATA, missing, model_refs, resolved_paths
 from squeeze.compress.recipe_yaml import (
     Errors,
     Source,
@@ -337,7 +337,7 @@ def parse_recipe(
                         loc = (*loc, tag)
                     errors.add(src.loc(loc), error_message(e, sorted(step_classes())), point)
                 continue
-            job = resolve_paths(job, base_dir)
+            job = job.model_copy(update=resolved_paths(job, base_dir))
             if job.name in where:
                 errors.add(src.loc(("name",)), f"job name {job.name!r} is used twice (jobs[{where[job.name][0]}])")
             where[job.name] = (r, point)

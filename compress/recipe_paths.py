@@ -4,14 +4,13 @@ ids are kept as written), and a model reference that cannot be used says why, be
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.folders import looks_like_hub_id, resolve
 
 if TYPE_CHECKING:
     from squeeze.compress.passes.base import PassConfig
-    from squeeze.compress.recipe import JobBase
 
 
 def local_ref(ref: str, base_dir: Path | None) -> str:
@@ -32,7 +31,17 @@ def local_ref(ref: str, base_dir: Path | None) -> str:
 NAMED_DATA = ("builtin", "synthetic", "wiki")
 
 
-def resolve_paths(job: JobBase, base_dir: Path | None) -> JobBase:
+class _Job(Protocol):
+    """The fields of a recipe job whose paths resolve (recipe.JobBase; a protocol keeps the import
+    pointing from recipe.py to here only)."""
+
+    model: str
+    calibration: Any
+    steps: list[Any]
+
+
+def resolved_paths(job: _Job, base_dir: Path | None) -> dict[str, Any]:
+    """The job's fields with relative paths resolved against ``base_dir`` (a ``model_copy`` update)."""
     update: dict[str, Any] = {"model": local_ref(job.model, base_dir)}
     if job.calibration is not None and job.calibration.source not in NAMED_DATA:
         update["calibration"] = job.calibration.model_copy(
@@ -46,7 +55,7 @@ def resolve_paths(job: JobBase, base_dir: Path | None) -> JobBase:
             step = step.model_copy(update={step.pass_name: cfg})
         steps.append(step)
     update["steps"] = steps
-    return job.model_copy(update=update)
+    return update
 
 
 def model_refs(config: PassConfig) -> list[str]:
