@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from squeeze.compress.errors import SqueezeError
 
-if TYPE_CHECKING:
-    from squeeze.compress.pipeline import JobPlan, JobResult, Reporter
-
-    #: runs one job: with the driver's reporter here, or None in a worker
-    JobFn = Callable[[JobPlan, Reporter | None], JobResult]
-    #: the result of a job whose task failed for good: (plan, error) -> a failed JobResult
-    LostFn = Callable[[JobPlan, str], JobResult]
+# The pipeline's types (pipeline.JobPlan, JobResult, Reporter), named here, not imported: the pipeline
+# imports this module, and an executor only passes them along.
+JobPlan = Any
+JobResult = Any
+Reporter = Any
+#: runs one job: with the driver's reporter here, or None in a worker
+JobFn = Callable[[JobPlan, Reporter | None], JobResult]
+#: the result of a job whose task failed for good: (plan, error) -> a failed JobResult
+LostFn = Callable[[JobPlan, str], JobResult]
 
 EXECUTORS = ("local", "ray")
 #: retries of a task whose worker process died (Ray's own default for tasks is 3)
