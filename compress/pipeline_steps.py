@@ -26,7 +26,7 @@ from squeeze.compress.recipe import model_refs
 from squeeze.compress.run import apply, load
 
 if TYPE_CHECKING:
-    from squeeze.compress.pipeline import JobPlan, Reporter, StepPlan
+    from squeeze.compress.pipeline_plan import JobPlan, Reporter, StepPlan
 
 log = logging.getLogger(__name__)
 
