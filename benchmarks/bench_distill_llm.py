@@ -59,6 +59,8 @@ RUNS = {
     "kl-mlp-after": dict(layers_weight=0.0, trainable="mlp", data="wiki"),
     "kl-norms": dict(layers_weight=0.0, trainable="norms", data="wiki", lr_scale=10.0, all_layers=True),
     "kl-after-teacher": dict(layers_weight=0.0, trainable="blocks", data="teacher"),
+    "kl-after-hi": dict(layers_weight=0.0, trainable="blocks", data="wiki", lr_scale=3.0),
+    "kl-layers-after-hi": dict(layers_weight=1.0, trainable="blocks", data="wiki", lr_scale=3.0),
 }
 
 
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="forwards under bf16 autocast")
     ap.add_argument("--tag", default="distill_smollm2")
     ap.add_argument("--model", default=GGUF, help="another decoder (a check of the script on a tiny model)")
     args = ap.parse_args()
@@ -125,6 +128,7 @@ def main() -> None:
         "seq_len": args.seq,
         "lr": args.lr,
         "threads": args.threads,
+        "precision": args.precision,
         "budget_s": args.budget,
         "runs": {},
     }
@@ -147,6 +151,7 @@ def main() -> None:
             trainable=run["trainable"],
             train_layers=None if run.get("all_layers") else list(range(first, n_layers)),
             cache_mb=0,
+            precision=args.precision,
         )
         ctx = Budget(fam, args.budget)
         t, cpu = time.perf_counter(), time.process_time()
@@ -175,6 +180,7 @@ def main() -> None:
             "trainable_params": n_train if not stopped else None,
             "trained": f"{run['trainable']} in layers {cfg.train_layers}" if cfg.train_layers else run["trainable"],
             "loss": "KL(T=1)" + (" + per-layer" if run["layers_weight"] else ""),
+            "lr": cfg.lr,
             "data": src,
             "loss_curve": curve,
         }

@@ -70,6 +70,7 @@ class DistillPassConfig(PassConfig):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     save_every: int = Field(50, ge=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forwards under CPU bf16 autocast")
 
 
 class DistillPassResult(BaseModel):
@@ -212,6 +213,7 @@ class DistillPass(Pass):
             trainable="all" if cfg.trainable == "scales" else cfg.trainable,
             train_layers=cfg.train_layers,
             save_every=cfg.save_every,
+            precision=cfg.precision,
         )
         workdir = getattr(ctx, "workdir", None)  # the step folder's temporary area, where the pipeline gives one
         scales = trainable_scales(student) if n_quant else contextlib.nullcontext()  # STE forward either way
