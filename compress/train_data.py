@@ -11,6 +11,9 @@ e.g. ``wiki+spans``: half whole sentences, half short spans):
   (the Makefile does). Every 10th article is the held-apart evaluation part, never trained on.
 * ``spans``: random 3-12 word spans cut from the ``wiki`` training sentences: short,
   query-length inputs from the same text (what search queries and commands look like in length).
+* ``chat``: about 6,000 short questions, commands and chat turns (``squeeze.compress.chat``:
+  chatterbot-corpus, BSD 3-Clause, and the English intent examples of OVOS voice-assistant
+  skills, Apache-2.0; read from the installed packages, every 10th line held apart).
 * ``builtin``: the 300 calibration lines of the built-in corpus (lines 301-400 evaluate): small,
   warned about when it is seen more than ~3 times.
 * a ``.txt`` / ``.jsonl`` file: its calibration part (calibration.py holds the last
@@ -34,6 +37,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from squeeze.compress.calibration import Batch, DataSpec, batches, builtin_texts, read_text_source
+from squeeze.compress.chat import chat_available as chat_available
+from squeeze.compress.chat import chat_lines
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.wiki import WIKI_PROVENANCE as WIKI_PROVENANCE  # re-exported: the readers of train_data
 from squeeze.compress.wiki import wiki_available as wiki_available
@@ -74,11 +79,15 @@ def _texts(part: str, ckpt: Checkpoint, spec: TrainSpec, warn: Callable[[str], N
         return wiki_sentences("train")
     if part == "spans":
         return word_spans(wiki_sentences("train"), spec.samples, spec.seed)
+    if part == "chat":
+        return chat_lines("train")
     if part == "builtin":
         return builtin_texts("calib")
     path = Path(part)
     if not path.exists():
-        raise SqueezeError(f"{part}: no such training data (use wiki, spans, builtin, teacher, synthetic or a file)")
+        raise SqueezeError(
+            f"{part}: no such training data (use wiki, spans, chat, builtin, teacher, synthetic or a file)"
+        )
     if path.suffix not in (".txt", ".jsonl", ".text", ".md", ""):
         raise SqueezeError(f"{part}: text models train on a .txt or .jsonl file")
     texts, _ = read_text_source(path, "calib", spec.eval_samples)
