@@ -61,6 +61,10 @@ RUNS = {
     "kl-after-teacher": dict(layers_weight=0.0, trainable="blocks", data="teacher"),
     "kl-after-hi": dict(layers_weight=0.0, trainable="blocks", data="wiki", lr_scale=3.0),
     "kl-layers-after-hi": dict(layers_weight=1.0, trainable="blocks", data="wiki", lr_scale=3.0),
+    # the same recipe as kl-after through the pass, as a user runs it (every layer trainable):
+    #   squeeze distill PRUNED -o OUT --loss output --temperature 1 --trainable blocks --data wiki
+    #       --batch-size 4 --steps N --samples 4N --precision bf16
+    "squeeze-distill": dict(layers_weight=0.0, trainable="blocks", data="wiki", via_pass=True),
 }
 
 
@@ -158,7 +162,11 @@ def main() -> None:
         stopped = False
         with PeakMemory() as mem:
             try:
-                res = distill(student, orig.model, data_cache[src], cfg, ctx)
+                if run.get("via_pass"):
+                    student, res = through_pass(pruned, ctx, args)
+                    cfg = cfg.model_copy(update={"train_layers": None})
+                else:
+                    res = distill(student, orig.model, data_cache[src], cfg, ctx)
                 curve, n_train = res.loss_curve, res.trainable_params
             except TimeoutError:
                 stopped = True
@@ -188,6 +196,30 @@ def main() -> None:
         print(name, {k: v for k, v in row.items() if k != "loss_curve"}, flush=True)
         (RESULTS / f"{args.tag}.partial.json").write_text(json.dumps(results, indent=1))
     write(results, args.tag)
+
+
+def through_pass(pruned, ctx: Budget, args):
+    """``squeeze distill`` with kl-after's settings (the teacher: the pruned model's original)."""
+    from squeeze.compress.distill import DistillResult
+    from squeeze.compress.passes.distill import DistillPass
+
+    ctx.checkpoint, ctx.calibration = pruned, EVAL
+    p = DistillPass(
+        data="wiki",
+        samples=args.steps * args.batch,
+        seq_len=args.seq,
+        batch_size=args.batch,
+        steps=args.steps,
+        lr=args.lr,
+        loss="output",
+        trainable="blocks",
+        temperature=1.0,
+        precision=args.precision,
+        save_every=0,
+    )
+    out = run_pass(p, [pruned], ctx, measure_fidelity=False)
+    metrics = out.manifest.ledger[-1]["metrics"]
+    return out.model, DistillResult(**{k: v for k, v in metrics["distill"].items() if k in DistillResult.model_fields})
 
 
 def write(results: dict, tag: str) -> None:
