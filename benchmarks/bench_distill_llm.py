@@ -59,6 +59,7 @@ RUNS = {
     "kl-mlp-after": dict(layers_weight=0.0, trainable="mlp", data="wiki"),
     "kl-norms": dict(layers_weight=0.0, trainable="norms", data="wiki", lr_scale=10.0, all_layers=True),
     "kl-after-teacher": dict(layers_weight=0.0, trainable="blocks", data="teacher"),
+    "kl-after-fp32": dict(layers_weight=0.0, trainable="blocks", data="wiki", precision="fp32"),
     "kl-after-hi": dict(layers_weight=0.0, trainable="blocks", data="wiki", lr_scale=3.0),
     "kl-layers-after-hi": dict(layers_weight=1.0, trainable="blocks", data="wiki", lr_scale=3.0),
     # the same recipe as kl-after through the pass, as a user runs it (every layer trainable):
@@ -155,7 +156,7 @@ def main() -> None:
             trainable=run["trainable"],
             train_layers=None if run.get("all_layers") else list(range(first, n_layers)),
             cache_mb=0,
-            precision=args.precision,
+            precision=run.get("precision", args.precision),
         )
         ctx = Budget(fam, args.budget)
         t, cpu = time.perf_counter(), time.process_time()
@@ -189,6 +190,7 @@ def main() -> None:
             "trained": f"{run['trainable']} in layers {cfg.train_layers}" if cfg.train_layers else run["trainable"],
             "loss": "KL(T=1)" + (" + per-layer" if run["layers_weight"] else ""),
             "lr": cfg.lr,
+            "precision": cfg.precision,
             "data": src,
             "loss_curve": curve,
         }
@@ -225,18 +227,20 @@ def through_pass(pruned, ctx: Budget, args):
 def write(results: dict, tag: str) -> None:
     lines = [
         f"SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized), attention dropped in layers {results['dropped_attention']}; "
-        f"perplexity on {results['eval']}; batch {results['batch']} x {results['seq_len']} tokens, lr {results['lr']}, "
+        f"perplexity on {results['eval']}; batch {results['batch']} x {results['seq_len']} tokens, "
         f"{results['threads']} threads, budget {results['budget_s']:.0f} s of training per run",
         "",
-        "| run | data | trained | loss | ppl | x original | steps | s/step | CPU s/step | train s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| original | - | - | - | {results['ppl_original']:.2f} | 1.000 | - | - | - | - | - |",
-        f"| pruned, no training | - | - | - | {results['ppl_pruned']:.2f} | "
+        "| run | data | trained | loss | lr | precision | ppl | x original | steps | s/step | CPU s/step | train s "
+        "| peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| original | - | - | - | - | - | {results['ppl_original']:.2f} | 1.000 | - | - | - | - | - |",
+        f"| pruned, no training | - | - | - | - | - | {results['ppl_pruned']:.2f} | "
         f"{results['ppl_pruned'] / results['ppl_original']:.3f} | - | - | - | - | - |",
     ]
     for name, r in results["runs"].items():
         lines.append(
-            f"| {name} | {r['data']} | {r['trained']} | {r['loss']} | {r['ppl']:.2f} | {r['ratio']:.3f} | "
+            f"| {name} | {r['data']} | {r['trained']} | {r['loss']} | {r.get('lr', results['lr'])} | "
+            f"{r.get('precision', 'fp32')} | {r['ppl']:.2f} | {r['ratio']:.3f} | "
             f"{r['steps_done']} | {r['s_per_step']} | {r['cpu_s_per_step']} | {r['train_seconds']} | {r['peak_mem_mb']} |"
         )
     (RESULTS / f"{tag}.json").write_text(json.dumps(results, indent=1) + "\n")
