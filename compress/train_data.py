@@ -176,9 +176,19 @@ def training_batches(
     return out
 
 
+PACK_CHUNK = 512  # texts tokenized at a time when packing decoder blocks
+
+
 def _packed(tok, texts: list[str], spec: TrainSpec, warn) -> list[Batch]:
     sep = tok.eos_token or "\n"
-    ids = tok(sep.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    need, pieces, total = spec.samples * spec.seq_len, [], 0
+    for i in range(0, len(texts), PACK_CHUNK):  # tokenize only as much text as the blocks need
+        chunk = sep.join(texts[i : i + PACK_CHUNK]) + (sep if i + PACK_CHUNK < len(texts) else "")
+        pieces.append(tok(chunk, return_tensors="pt", add_special_tokens=False)["input_ids"][0])
+        total += len(pieces[-1])
+        if total >= need:
+            break
+    ids = torch.cat(pieces)
     n = min(spec.samples, len(ids) // spec.seq_len)
     if n == 0:
         raise SqueezeError(f"training text has {len(ids)} tokens, less than one block of seq_len={spec.seq_len}")

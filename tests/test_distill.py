@@ -490,6 +490,28 @@ def test_decoders_can_train_on_text_sampled_from_the_teacher(tiny_dirs):
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
 
 
+def test_decoder_blocks_tokenize_only_the_text_they_need(tiny_dirs):
+    from squeeze.compress import train_data
+
+    tok = ck.load(tiny_dirs["llama"]).tokenizer()
+    calls: list[int] = []
+
+    class Counting:  # the tokenizer, counting its calls
+        eos_token = tok.eos_token
+
+        def __call__(self, text, **kw):
+            calls.append(len(text))
+            return tok(text, **kw)
+
+    texts = [f"sentence {i} of a long training text" for i in range(5 * train_data.PACK_CHUNK)]
+    spec = TrainSpec(source="wiki", samples=6, seq_len=16, batch_size=4)
+    got = train_data._packed(Counting(), texts, spec, lambda m: None)
+    assert len(calls) == 1  # one chunk of 512 texts holds 6 x 16 tokens: the rest is never tokenized
+    whole = tok(tok.eos_token.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    assert torch.equal(torch.cat([b["input_ids"] for b in got]).flatten(), whole[: 6 * 16])
+    assert [b["input_ids"].shape for b in got] == [(4, 16), (2, 16)]
+
+
 def test_a_mix_takes_equal_shares_of_its_sources(tiny_dirs, tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("\n".join(f"zebra {i}" for i in range(200)))
