@@ -21,6 +21,8 @@ plus steps, seconds, peak memory (RSS) and the loss curve (``results/distill.png
 * ``layers-mix``: as ``layers`` on ``wiki+spans`` (whole sentences mixed half and half with
   3-12 word spans cut from them: query-length inputs from the same text);
 * ``layers-spans``: as ``layers`` on the spans alone;
+* ``layers-chat``: as ``layers`` on ``wiki+spans+chat`` (a third of short questions, commands and
+  chat turns from packages: compress/chat.py; the benchmark's queries are checked absent from it);
 * ``norms``: as ``layers``, LayerNorms only (a few thousand parameters).
 
 The CPU is shared with other work while this runs: seconds are what this run took, not a
@@ -33,6 +35,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 from common import MINILM, RESULTS, write_results
@@ -117,6 +120,7 @@ RUNS = {
     "layers-mix": dict(loss=(1.0, 0.0, 1.0), trainable="blocks", data="wiki+spans"),
     "layers-spans": dict(loss=(1.0, 0.0, 1.0), trainable="blocks", data="spans"),
     "norms": dict(loss=(1.0, 0.0, 1.0), trainable="norms", data="wiki", lr_scale=10.0),
+    "layers-chat": dict(loss=(1.0, 0.0, 1.0), trainable="blocks", data="wiki+spans+chat"),
 }
 
 
@@ -127,6 +131,19 @@ def encode(ckpt, texts: list[str], bs: int = 32) -> list[dict[str, torch.Tensor]
         enc = tok(texts[i : i + bs], padding=True, truncation=True, max_length=128, return_tensors="pt")
         out.append({k: v for k, v in enc.items() if k in fam.model_inputs})
     return out
+
+
+def without_queries() -> str:
+    """The chat training lines less any of the benchmark's queries (one, a weather intent example,
+    is among them), as a text file: the queries are never trained on."""
+    import tempfile
+
+    from squeeze.compress.chat import chat_lines
+
+    lines = [t for t in chat_lines("train") if t not in set(QUERIES)]
+    path = Path(tempfile.mkdtemp()) / "chat-train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def student_for(orig, drop: str):
@@ -180,7 +197,8 @@ def main() -> None:
     for name in args.runs.split(","):
         run = RUNS[name]
         if run["data"] not in data_cache:
-            spec = TrainSpec(source=run["data"], samples=args.steps * args.batch, seq_len=64, batch_size=args.batch)
+            source = "+".join(without_queries() if p == "chat" else p for p in run["data"].split("+"))
+            spec = TrainSpec(source=source, samples=args.steps * args.batch, seq_len=64, batch_size=args.batch)
             data_cache[run["data"]] = training_batches(pruned, spec)
         data = data_cache[run["data"]]
         student = copy.deepcopy(pruned.model)

