@@ -92,6 +92,9 @@ def _representation(name: str, out: torch.Tensor, batch: Batch, family: Family) 
     return out[m], sample[m]
 
 
+ROWS = 256  # logit rows per float64 chunk: 256 x a 49k vocabulary is ~100 MB, not the batch's GBs
+
+
 def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
     """Fidelity of ``new`` against ``ref`` (same batches)."""
     fam = ref.family
@@ -121,19 +124,18 @@ def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
         cos_per_sample.append(per / cnt.clamp_min(1))
         offset += len(per)
         if name == "logits":
-            lr, ln = vr.double().log_softmax(-1), vn.double().log_softmax(-1)
-            kl_sum += float((lr.exp() * (lr - ln)).sum())
+            for i in range(0, vr.shape[0], ROWS):  # float64 over a vocabulary: a few rows at a time
+                lr, ln = vr[i : i + ROWS].double().log_softmax(-1), vn[i : i + ROWS].double().log_softmax(-1)
+                kl_sum += float((lr.exp() * (lr - ln)).sum())
             agree += float((vr.argmax(-1) == vn.argmax(-1)).sum())
             n_tok += vr.shape[0]
             if fam.causal and r.ndim == 3:
                 ids = batch["input_ids"]
                 m = batch.get("attention_mask", torch.ones_like(ids))[:, 1:].bool()
-                for lg, acc in ((r, "ref"), (n, "new")):
-                    nll = F.cross_entropy(lg[:, :-1].transpose(1, 2).double(), ids[:, 1:], reduction="none")
-                    if acc == "ref":
-                        nll_ref += float(nll[m].sum())
-                    else:
-                        nll_new += float(nll[m].sum())
+                for row in range(ids.shape[0]):
+                    tgt = ids[row, 1:]
+                    nll_ref += float(F.cross_entropy(r[row, :-1].double(), tgt, reduction="none")[m[row]].sum())
+                    nll_new += float(F.cross_entropy(n[row, :-1].double(), tgt, reduction="none")[m[row]].sum())
                 n_lm += int(m.sum())
             if "labels" in batch and r.ndim == 2:
                 acc_ref += int((r.argmax(-1) == batch["labels"]).sum())
