@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,16 +96,9 @@ def _representation(name: str, out: torch.Tensor, batch: Batch, family: Family) 
 ROWS = 256  # logit rows per float64 chunk: 256 x a 49k vocabulary is ~100 MB, not the batch's GBs
 
 
-def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
-    """Fidelity of ``new`` against ``ref`` (same batches)."""
-    fam = ref.family
-    cos_per_sample: list[torch.Tensor] = []
-    kl_sum = agree = n_tok = 0.0
-    max_abs = 0.0
-    nll_ref = nll_new = 0.0
-    n_lm = 0
-    acc_ref = acc_new = n_lab = 0
-    offset = 0
+def _per_sample(ref: Reference, new: Reference) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, Batch]]:
+    """(output name, reference, new, batch) one sample at a time: float64 copies of a sample's
+    logits, not of a whole batch's (32 x 128 tokens x a 49k vocabulary: 1.6 GB each)."""
     for r_out, n_out, batch in zip(ref.outputs, new.outputs, ref.batches):
         ((name, r),) = r_out.items()
         n = n_out[name]
@@ -115,6 +109,21 @@ def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
                 f"{name} has shape {tuple(n.shape)}, the reference's {tuple(r.shape)}: "
                 "not a compressed version of the reference (another vocabulary or head?)"
             )
+        for i in range(r.shape[0]):
+            yield name, r[i : i + 1], n[i : i + 1], {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def compare_outputs(ref: Reference, new: Reference) -> dict[str, float]:
+    """Fidelity of ``new`` against ``ref`` (same batches)."""
+    fam = ref.family
+    cos_per_sample: list[torch.Tensor] = []
+    kl_sum = agree = n_tok = 0.0
+    max_abs = 0.0
+    nll_ref = nll_new = 0.0
+    n_lm = 0
+    acc_ref = acc_new = n_lab = 0
+    offset = 0
+    for name, r, n, batch in _per_sample(ref, new):
         max_abs = max(max_abs, float((r - n).abs().max()))
         vr, idx = _representation(name, r, batch, fam)
         vn, _ = _representation(name, n, batch, fam)
