@@ -21,6 +21,7 @@ plus steps, seconds, peak memory (RSS) and the loss curve (``results/distill.png
 * ``layers-mix``: as ``layers`` on ``wiki+spans`` (whole sentences mixed half and half with
   3-12 word spans cut from them: query-length inputs from the same text);
 * ``layers-spans``: as ``layers`` on the spans alone;
+* ``layers-spans-chat``: as ``layers`` on ``spans+chat`` (half chat, no whole sentences);
 * ``layers-chat``: as ``layers`` on ``wiki+spans+chat`` (a third of short questions, commands and
   chat turns from packages: compress/chat.py; the benchmark's queries are checked absent from it);
 * ``norms``: as ``layers``, LayerNorms only (a few thousand parameters).
@@ -121,6 +122,7 @@ RUNS = {
     "layers-spans": dict(loss=(1.0, 0.0, 1.0), trainable="blocks", data="spans"),
     "norms": dict(loss=(1.0, 0.0, 1.0), trainable="norms", data="wiki", lr_scale=10.0),
     "layers-chat": dict(loss=(1.0, 0.0, 1.0), trainable="blocks", data="wiki+spans+chat"),
+    "layers-spans-chat": dict(loss=(1.0, 0.0, 1.0), trainable="blocks", data="spans+chat"),
 }
 
 
