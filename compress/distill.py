@@ -18,8 +18,9 @@ when they fit in ``cache_mb``. Losses (weights in the config): the family's outp
 (``output_weight``), the last hidden state (``hidden_weight``) and every layer's output under a
 layer map (``layers_weight``; student layer ``j`` learns teacher layer ``layer_map[j]``, as a
 student with dropped blocks maps to the teacher's kept ones). ``precision: bf16`` runs both
-forwards under CPU bf16 autocast (weights, optimizer state and losses stay fp32). Weight decay defaults to 0: it
-pulls pretrained weights toward zero, away from what the student is healing toward.
+forwards under CPU bf16 autocast (weights, optimizer state and losses stay fp32). Weight decay
+defaults to 0: it pulls pretrained weights toward zero, away from what the student is healing
+toward.
 
 Hooks for passes that train with a schedule or a constraint: ``before_step(step, model)``
 runs before each optimizer step's forward (SLAB's progressive LayerNorm -> RepBN ratio),

@@ -37,8 +37,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from squeeze.compress.calibration import Batch, DataSpec, batches, builtin_texts, read_text_source
+from squeeze.compress.chat import CHAT_PROVENANCE, chat_lines
 from squeeze.compress.chat import chat_available as chat_available
-from squeeze.compress.chat import chat_lines
 from squeeze.compress.errors import SqueezeError
 from squeeze.compress.wiki import WIKI_PROVENANCE as WIKI_PROVENANCE  # re-exported: the readers of train_data
 from squeeze.compress.wiki import wiki_available as wiki_available
@@ -60,6 +60,13 @@ class TrainSpec(BaseModel):
     batch_size: int = Field(16, ge=1, le=4096)
     seed: int = 0
     eval_samples: int = Field(64, ge=1)
+
+
+def provenance(source: str) -> list[str]:
+    """Where the packaged text of a source (``wiki+spans+chat``) comes from, once per package set,
+    for the manifest."""
+    known = {"wiki": WIKI_PROVENANCE, "spans": WIKI_PROVENANCE, "chat": CHAT_PROVENANCE}
+    return list(dict.fromkeys(known[p] for p in source.split("+") if p in known))
 
 
 def word_spans(texts: list[str], n: int, seed: int, lo: int = 3, hi: int = 12) -> list[str]:

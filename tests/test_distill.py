@@ -268,6 +268,7 @@ def test_more_than_three_epochs_is_warned_about():
 
 import squeeze.compress as ck  # noqa: E402  (load = run.load: replays squeeze folders)
 from squeeze.cli.main import main  # noqa: E402
+from squeeze.compress.chat import CHAT_PROVENANCE  # noqa: E402
 from squeeze.compress.evaluate import model_outputs  # noqa: E402
 from squeeze.compress.passes import run_pass  # noqa: E402
 from squeeze.compress.passes.distill import DistillPass, layer_map_from_edits  # noqa: E402
@@ -295,11 +296,12 @@ def test_layer_map_composes_the_prune_edits_beyond_the_teachers():
 @pytest.mark.parametrize("name", ENGINE_FAMILIES)
 def test_pass_heals_every_family_and_reloads_exactly(name, tiny_dirs, tmp_path):
     student = pruned(tiny_dirs[name])
-    data = "synthetic" if name == "vit" else "builtin"
+    data = {"vit": "synthetic", "bert": "builtin+chat"}.get(name, "builtin")
     ctx = PassContext(family=student.family, checkpoint=student)
     new = run_pass(DistillPass(data=data, **QUICK), [student], ctx)
     res = new.manifest.edits[-1]["result"]
     assert res["layer_map"] == [0, 2, 3] and res["loss_last"] < res["loss_first"]
+    assert res["data_provenance"] == ([CHAT_PROVENANCE] if name == "bert" else [])  # packaged text: named
     fid = new.manifest.ledger[-1]["metrics"]["teacher_fidelity"]
     assert fid["after"]["cos_mean"] > fid["before"]["cos_mean"]
     ck.save(new, tmp_path / "out")
@@ -450,7 +452,7 @@ def test_a_killed_pass_resumes_from_its_workdir_to_the_same_weights(tiny_dirs, t
 # Training data
 # --------------------------------------------------------------------------------------------
 
-from squeeze.compress.train_data import TrainSpec, training_batches, word_spans  # noqa: E402
+from squeeze.compress.train_data import TrainSpec, provenance, training_batches, word_spans  # noqa: E402
 
 
 def test_training_text_never_includes_the_evaluation_split(tiny_dirs, tmp_path):
@@ -472,6 +474,13 @@ def test_training_batches_are_shuffled_deterministically(tiny_dirs):
     c = training_batches(src, TrainSpec(source="builtin", samples=64, seq_len=16, batch_size=8, seed=1))
     assert len(a) == 8 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
+
+
+def test_provenance_names_each_package_set_once():
+    from squeeze.compress.wiki import WIKI_PROVENANCE
+
+    assert provenance("wiki+spans+chat") == [WIKI_PROVENANCE, CHAT_PROVENANCE]
+    assert provenance("spans") == [WIKI_PROVENANCE] and provenance("builtin+teacher") == []
 
 
 def test_word_spans_are_short_seeded_cuts():

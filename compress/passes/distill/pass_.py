@@ -78,6 +78,7 @@ class DistillPassResult(BaseModel):
 
     teacher: str
     data: str
+    data_provenance: list[str] = []
     layer_map: list[int] | None
     quantized_linears: int
     trained: str
@@ -172,7 +173,7 @@ class DistillPass(Pass):
     # ---------------- the pass ----------------
 
     def apply(self, models: list[nn.Module], ctx: PassContext) -> nn.Module:
-        from squeeze.compress.train_data import TrainSpec, training_batches
+        from squeeze.compress.train_data import TrainSpec, provenance, training_batches
 
         cfg = self.config
         student = copy.deepcopy(models[0])
@@ -232,6 +233,7 @@ class DistillPass(Pass):
         result = DistillPassResult(
             teacher=str(ref),
             data=source,
+            data_provenance=provenance(source),
             layer_map=layer_map,
             quantized_linears=n_quant,
             trained=trained,
