@@ -27,7 +27,7 @@ plus steps, seconds, peak memory (RSS) and the loss curve (``results/distill.png
 * ``norms``: as ``layers``, LayerNorms only (a few thousand parameters).
 
 The CPU is shared with other work while this runs: seconds are what this run took, not a
-property of the method. torch runs one thread.
+property of the method. torch runs one thread unless --threads says otherwise.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ from squeeze.compress.passes.distill import layer_map_from_edits
 from squeeze.compress.passes.prune import PrunePass
 from squeeze.compress.run import load
 from squeeze.compress.train_data import TrainSpec, training_batches, wiki_sentences
-
-torch.set_num_threads(1)
 
 QUERIES = [
     "how do i reset my router",
@@ -163,7 +161,9 @@ def main() -> None:
     ap.add_argument("--runs", default="naive,layers,layers-near,layers-mix,norms")
     ap.add_argument("--drop", default="blocks:1")
     ap.add_argument("--tag", default="distill")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     orig = load(MINILM)
     fam = orig.family
