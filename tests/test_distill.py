@@ -418,6 +418,23 @@ def test_recipe_step_distills_from_the_jobs_original(tiny_dirs, tmp_path):
     assert edits[0]["result"]["layer_map"] == [0, 2, 3]
 
 
+def test_recipe_step_takes_bf16_precision(tiny_dirs, tmp_path):
+    import json
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\njobs:\n  - name: heal\n    calibration: {source: builtin, samples: 16, seq_len: 16}\n    model: "
+        + str(tiny_dirs["llama"])
+        + "\n    steps:\n"
+        "      - prune: {block_layers: [1]}\n"
+        "      - distill: {steps: 2, data: builtin, samples: 16, seq_len: 16, precision: bf16}\n"
+    )
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    edits = [e for p in (tmp_path / "out").rglob("squeeze.json") for e in json.loads(p.read_text())["edits"]]
+    trained = [e["result"]["trained"] for e in edits if e["pass"] == "distill"]
+    assert trained and all(t.endswith("(bf16 autocast)") for t in trained)
+
+
 def test_a_killed_pass_resumes_from_its_workdir_to_the_same_weights(tiny_dirs, tmp_path, monkeypatch):
     import squeeze.compress.passes.distill.pass_ as pass_module
 
